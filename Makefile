@@ -1,0 +1,52 @@
+# Everything a newcomer needs: `make run` and `make test` set up the virtualenv, the cluster binaries
+# (built from Go modules, cached under ~/.cache/pythontask) and the local cluster themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCAL_KUBECONFIG := $(CURDIR)/.local/kubeconfig
+PYTEST_ARGS ?=
+
+.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+binaries:
+	hack/build-cluster-binaries.sh >/dev/null
+
+cluster: binaries
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+# With no KUBECONFIG: bring up the local cluster. (The operator itself is not built yet.)
+run: venv
+	@if [ -z "$$KUBECONFIG" ]; then $(MAKE) --no-print-directory cluster; export KUBECONFIG=$(LOCAL_KUBECONFIG); fi; \
+	  echo "cluster ready: export KUBECONFIG=$${KUBECONFIG}"; \
+	  echo "the PythonTask operator does not exist yet; make run stops here"
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+
+fmt: venv
+	$(VENV)/bin/ruff format operator tests
+	$(VENV)/bin/ruff check --fix operator tests
+
+unit: venv
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+# Lint, unit tests, and the tests on the local cluster (started on demand, reused when running).
+test: lint binaries
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: cluster-down
+	rm -rf .local $(VENV)

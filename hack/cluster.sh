@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Local Kubernetes for development and tests: a real etcd, kube-apiserver, kube-controller-manager and
+# kube-scheduler, plus kwok for simulated nodes whose pods run exec'd commands as local processes.
+#
+#   hack/cluster.sh up       start (or reuse) the cluster; writes .local/kubeconfig
+#   hack/cluster.sh down     stop it and verify that no component process is left
+#   hack/cluster.sh status   print whether it is up
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOCAL=$ROOT/.local
+NAME=${PYTHONTASK_CLUSTER_NAME:-pythontask}
+NODES=${PYTHONTASK_CLUSTER_NODES:-3}
+export KWOK_WORKDIR=$LOCAL/kwok
+CLUSTER_DIR=$KWOK_WORKDIR/clusters/$NAME
+KUBECONFIG_OUT=${PYTHONTASK_KUBECONFIG_OUT:-$LOCAL/kubeconfig}
+log() { echo "[cluster] $*" >&2; }
+
+bin_dir() { "$ROOT/hack/build-cluster-binaries.sh" | tail -n 1; }
+
+kwokctl() { "$BIN/kwokctl" --name "$NAME" "$@"; }
+kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_OUT" "$@"; }
+
+render_config() {
+  # The "container" of every kwok pod is this machine: put the real interpreter first on PATH
+  # (a pyenv shim would add a shell hop to every exec).
+  local python_dir
+  python_dir=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
+  mkdir -p "$LOCAL/pod-root"
+  cat >"$LOCAL/kwokctl.yaml" <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+options:
+  runtime: binary
+  kubeVersion: $(basename "$(dirname "$BIN")" | sed -E 's/^k8s-(v[^-]+)-.*/\1/')
+  securePort: true
+  kubeAuthorization: true
+  disableQPSLimits: true
+  nodeLeaseDurationSeconds: 40
+  kubeApiserverBinary: $BIN/kube-apiserver
+  kubeControllerManagerBinary: $BIN/kube-controller-manager
+  kubeSchedulerBinary: $BIN/kube-scheduler
+  kubectlBinary: $BIN/kubectl
+  kwokControllerBinary: $BIN/kwok
+  etcdBinary: $BIN/etcd
+  # Everything listens on and dials loopback only.
+  bindAddress: 127.0.0.1
+componentsPatches:
+- name: kube-apiserver
+  extraArgs:
+  - {key: kubelet-preferred-address-types, value: InternalIP}
+- name: kwok-controller
+  extraArgs:
+  - {key: node-ip, value: 127.0.0.1}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterExec
+metadata:
+  name: run-locally
+spec:
+  execs:
+  - local:
+      workDir: $LOCAL/pod-root
+      envs:
+      - name: PATH
+        value: $python_dir:/usr/local/bin:/usr/bin:/bin
+      - name: HOME
+        value: $LOCAL/pod-root
+---
+EOF
+  cat "$ROOT/hack/kwok/stages.yaml" >>"$LOCAL/kwokctl.yaml"
+}
+
+api_ready() { [[ -f $KUBECONFIG_OUT ]] && kubectl get --raw /readyz >/dev/null 2>&1; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { log "timed out waiting for $what"; return 1; }
+    sleep 0.5
+  done
+}
+
+nodes_ready() {
+  local ready
+  ready=$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)
+  ((ready >= NODES))
+}
+
+create_nodes() {
+  # Our own node objects rather than `kwokctl scale node`, whose template carries non-loopback IPs.
+  local i
+  for ((i = 0; i < NODES; i++)); do
+    cat <<EOF
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-$i
+  annotations: {kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: "0"}
+  labels: {kubernetes.io/hostname: kwok-node-$i, kubernetes.io/os: linux, kubernetes.io/arch: amd64, type: kwok}
+---
+EOF
+  done | kubectl apply -f - >&2
+}
+
+up() {
+  BIN=$(bin_dir)
+  mkdir -p "$LOCAL"
+  if [[ -d $CLUSTER_DIR ]]; then
+    if ! api_ready; then
+      log "starting existing cluster $NAME"
+      kwokctl start cluster --timeout 2m >&2 || {
+        log "cluster $NAME does not start; recreating it"
+        kwokctl delete cluster >&2 || true
+        rm -rf "$CLUSTER_DIR"
+      }
+    fi
+  fi
+  if [[ ! -d $CLUSTER_DIR ]]; then
+    render_config
+    log "creating cluster $NAME (binary runtime, binaries from $BIN)"
+    kwokctl create cluster --config "$LOCAL/kwokctl.yaml" --runtime binary --wait 3m >&2
+  fi
+  cp "$CLUSTER_DIR/kubeconfig.yaml" "$KUBECONFIG_OUT"
+  wait_for 120 "apiserver /readyz" api_ready
+  local have
+  have=$(kubectl get nodes --no-headers 2>/dev/null | wc -l)
+  if ((have < NODES)); then create_nodes; fi
+  wait_for 120 "$NODES Ready nodes" nodes_ready
+  wait_for 60 "default service account" kubectl get serviceaccount default -n default
+  log "cluster $NAME is up; KUBECONFIG=$KUBECONFIG_OUT"
+}
+
+component_pids() { cat "$CLUSTER_DIR"/pids/*.pid 2>/dev/null || true; }
+
+down() {
+  [[ -d $CLUSTER_DIR ]] || { log "no cluster $NAME"; return 0; }
+  BIN=$(bin_dir)
+  local pids
+  pids=$(component_pids)
+  kwokctl delete cluster >&2 || true
+  # kwokctl stops components by pid file; make sure none survived (a component that ignored SIGTERM).
+  for pid in $pids; do
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+  done
+  rm -rf "$CLUSTER_DIR" "$KUBECONFIG_OUT"
+  for pid in $pids; do
+    if kill -0 "$pid" 2>/dev/null; then log "process $pid still running"; return 1; fi
+  done
+  log "cluster $NAME is down"
+}
+
+status() {
+  BIN=$(bin_dir)
+  if api_ready; then echo "up"; else echo "down"; return 1; fi
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

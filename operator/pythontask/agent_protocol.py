@@ -1,0 +1,103 @@
+"""The operator's side of the in-container agent protocol (see agent/agent.py for the other side).
+
+Only LOADER travels on the exec URL. The agent's source and the request (script, args, resolved env)
+follow over stdin, each prefixed by its length in ASCII and a newline, so no EOF is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+# Reads one length-prefixed blob from stdin and runs it: the agent source.
+LOADER = (
+    "import sys;b=sys.stdin.buffer;n=int(b.readline());"
+    "exec(compile(b.read(n),'pythontask-agent','exec'),{'__name__':'__main__'})"
+)
+
+KIND_STDOUT = b"O"
+KIND_STDERR = b"E"
+KIND_MESSAGE = b"M"
+_HEADER = struct.Struct(">cI")
+
+# The agent exits with this code when it could not report a script result.
+AGENT_FAILURE_EXIT = 125
+
+
+def agent_source() -> bytes:
+    return resources.files("pythontask.agent").joinpath("agent.py").read_bytes()
+
+
+def blob(data: bytes) -> bytes:
+    return b"%d\n" % len(data) + data
+
+
+def agent_command(python: list[str]) -> list[str]:
+    return [*python, "-u", "-c", LOADER]
+
+
+def encode_stdin(request: dict[str, Any], script: bytes | None = None) -> bytes:
+    """Everything the agent reads from stdin: its own source, the request, and the script for 'run'."""
+    data = blob(agent_source()) + blob(json.dumps(request).encode())
+    if script is not None:
+        data += blob(script)
+    return data
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str  # "stdout" | "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    fields: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.fields.get("type", ""))
+
+
+AgentEvent = Output | Message
+
+
+class AgentProtocolError(Exception):
+    pass
+
+
+class AgentStreamDecoder:
+    """Incremental decoder of the agent's framed stdout; frames may be split across exec messages."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[AgentEvent]:
+        self._buf += data
+        while len(self._buf) >= _HEADER.size:
+            kind, size = _HEADER.unpack_from(self._buf)
+            end = _HEADER.size + size
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            if kind == KIND_STDOUT:
+                yield Output("stdout", payload)
+            elif kind == KIND_STDERR:
+                yield Output("stderr", payload)
+            elif kind == KIND_MESSAGE:
+                try:
+                    yield Message(json.loads(payload))
+                except ValueError as e:
+                    raise AgentProtocolError(f"agent sent a malformed message: {e}") from e
+            else:
+                raise AgentProtocolError(f"agent sent an unknown frame kind {kind!r}")
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame; non-zero at end of stream means the stream was cut."""
+        return len(self._buf)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio import client, config
+
+from support import cluster as local_cluster
+
+CLUSTER_TESTS = Path(__file__).parent / "cluster"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under tests/cluster needs the local cluster; `make unit` deselects it.
+    for item in items:
+        if CLUSTER_TESTS in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> local_cluster.Cluster:
+    """The local cluster, started on first use and reused while it runs."""
+    return local_cluster.up()
+
+
+@pytest.fixture(scope="session")
+async def api(cluster: local_cluster.Cluster) -> AsyncIterator[client.ApiClient]:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=configuration)
+    async with client.ApiClient(configuration) as api_client:
+        yield api_client
+
+
+@pytest.fixture
+def core(api: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture
+def apps(api: client.ApiClient) -> client.AppsV1Api:
+    return client.AppsV1Api(api)
+
+
+@pytest.fixture
+async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting for it to go)."""
+    base = request.node.name.lower().replace("_", "-")
+    name = f"{base[:40].strip('-[]')}-{uuid.uuid4().hex[:6]}"
+    name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
+    yield name
+    await core.delete_namespace(name, grace_period_seconds=0)

@@ -1,0 +1,1 @@
+"""Test support: the local cluster, Kubernetes object factories, and waiting with deadlines."""
