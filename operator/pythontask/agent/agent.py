@@ -226,9 +226,10 @@ def start(d: str, req: dict[str, Any], script: bytes) -> bool:
         os.mkdir(d, 0o700)
     except FileExistsError:
         return False  # this attempt was started before (operator restart): never run it twice
-    path = os.path.join(d, "script.py")
-    with open(path, "wb") as f:
-        f.write(script)
+    path = req.get("scriptPath") or os.path.join(d, "script.py")
+    if not req.get("scriptPath"):
+        with open(path, "wb") as f:
+            f.write(script)
     env = dict(os.environ)
     env.update(req.get("env") or {})
     env["PYTHONUNBUFFERED"] = "1"
@@ -351,6 +352,10 @@ def main() -> int:
     tail = int(req.get("tail", 65536))
     if op == "run":
         script = read_blob()
+        path = req.get("scriptPath")
+        if path and not os.path.isdir(d) and not os.path.isfile(path):
+            message(type="error", reason="ScriptNotFound", message=f"{path} is not a file in the container")
+            return AGENT_FAILURE
         fresh = start(d, req, script)
         message(type="accepted", fresh=fresh)
         return follow(d, fresh, tail)

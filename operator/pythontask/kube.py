@@ -1,0 +1,84 @@
+"""Access to the Kubernetes API: the client, and the few PythonTask calls the operator makes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from .spec import GROUP, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+async def make_api_client() -> client.ApiClient:
+    """In a pod: its service account. Elsewhere: KUBECONFIG or ~/.kube/config."""
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        await config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = 256
+    return client.ApiClient(configuration)
+
+
+def is_not_found(error: BaseException) -> bool:
+    return isinstance(error, ApiException) and error.status == 404
+
+
+def is_conflict(error: BaseException) -> bool:
+    return isinstance(error, ApiException) and error.status == 409
+
+
+def api_message(error: ApiException) -> str:
+    """The apiserver's own sentence from an error response, else the HTTP reason."""
+    try:
+        return str(json.loads(error.body or b"").get("message") or error.reason)
+    except (TypeError, ValueError, AttributeError):
+        return f"{error.status} {error.reason}"
+
+
+class Tasks:
+    """PythonTask reads and writes."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api)
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        return result
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
+        )  # type: ignore[call-arg]
+        return result
+
+    async def patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
+        )  # type: ignore[call-arg]
+        return result
+
+    async def set_finalizer(self, body: dict[str, Any], finalizer: str, present: bool) -> dict[str, Any]:
+        """Adds or removes one finalizer; the resourceVersion precondition keeps others' finalizers safe."""
+        meta = body["metadata"]
+        for _ in range(5):
+            current = list(meta.get("finalizers") or [])
+            if (finalizer in current) == present:
+                return body
+            wanted = [*current, finalizer] if present else [f for f in current if f != finalizer]
+            patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta["resourceVersion"]}}
+            try:
+                return await self.patch(meta["namespace"], meta["name"], patch)
+            except ApiException as e:
+                if not is_conflict(e):
+                    raise
+            body = await self.get(meta["namespace"], meta["name"])
+            meta = body["metadata"]
+        raise RuntimeError(f"could not update finalizers of {meta['namespace']}/{meta['name']}: conflicts")

@@ -1,0 +1,223 @@
+"""Pod operations: find a Ready target pod (by name, by selector, or created from a template)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from .failures import TaskFailure
+from .kube import api_message, is_not_found
+from .spec import GROUP, KIND, VERSION, PythonTaskSpec, Target
+from .status import Reason
+
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+TASK_UID_LABEL = "pythontask.dev/task-uid"
+TASK_NAME_LABEL = "pythontask.dev/task"
+# Keeps a template container without a command alive (and quick to stop) so exec can enter it.
+IDLE_PROGRAM = "import signal,sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); signal.pause()"
+log = structlog.get_logger(__name__)
+
+
+def is_ready(pod: Any) -> bool:
+    if pod.metadata.deletion_timestamp is not None or pod.status is None or pod.status.phase != "Running":
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def pick_container(pod: Any, wanted: str | None) -> str:
+    names = [c.name for c in pod.spec.containers]
+    where = f"pod {pod.metadata.name}"
+    if wanted:
+        if wanted not in names:
+            raise TaskFailure(
+                Reason.CONTAINER_NOT_FOUND,
+                f"{where} has no container {wanted!r}; its containers are: {', '.join(names)}.",
+            )
+        return wanted
+    default = (pod.metadata.annotations or {}).get(DEFAULT_CONTAINER_ANNOTATION)
+    if default in names:
+        return str(default)
+    if len(names) == 1:
+        return str(names[0])
+    raise TaskFailure(
+        Reason.CONTAINER_NOT_SPECIFIED,
+        f"{where} has containers {', '.join(names)} and no {DEFAULT_CONTAINER_ANNOTATION} annotation; "
+        "set spec.target.container.",
+    )
+
+
+def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[str, Any]:
+    """The pod to create for a `template` target: owned by the task, labelled, kept alive for exec."""
+    meta = task["metadata"]
+    template = copy.deepcopy(spec.target.template or {})
+    pod_meta = template.get("metadata") or {}
+    pod_spec = template["spec"]
+    labels = {
+        **(pod_meta.get("labels") or {}),
+        TASK_UID_LABEL: meta["uid"],
+        TASK_NAME_LABEL: meta["name"][:63],
+    }
+    for container in pod_spec["containers"]:
+        if not container.get("command") and not container.get("args"):
+            container["command"] = [*spec.python, "-c", IDLE_PROGRAM]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": f"{meta['name'][:50]}-",
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": pod_meta.get("annotations") or {},
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec,
+    }
+
+
+class Pods:
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+        self._in_flight: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def running_on(self, pod: Any) -> Iterator[None]:
+        """Counts attempts in flight per pod, so selectors spread work across Ready pods."""
+        uid = pod.metadata.uid
+        self._in_flight[uid] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[uid] -= 1
+            if self._in_flight[uid] <= 0:
+                del self._in_flight[uid]
+
+    def _least_loaded(self, pods: list[Any]) -> Any:
+        lowest = min(self._in_flight[p.metadata.uid] for p in pods)
+        return random.choice([p for p in pods if self._in_flight[p.metadata.uid] == lowest])
+
+    async def _candidates(
+        self, namespace: str, target: Target, pod_name: str | None
+    ) -> tuple[list[Any], str]:
+        """Current matching pods and the resourceVersion to watch from."""
+        if pod_name:
+            listing = await self._core.list_namespaced_pod(
+                namespace, field_selector=f"metadata.name={pod_name}"
+            )
+        else:
+            assert target.selector is not None
+            listing = await self._core.list_namespaced_pod(
+                namespace, label_selector=target.selector.to_query()
+            )
+        return list(listing.items), listing.metadata.resource_version
+
+    async def wait_ready(
+        self, namespace: str, target: Target, wait_seconds: float, *, pod_name: str | None = None
+    ) -> Any:
+        """A Ready pod for the target; waits (watching, not polling) up to `wait_seconds`."""
+        pod_name = pod_name or target.pod_name
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            pods, version = await self._candidates(namespace, target, pod_name)
+            ready = [p for p in pods if is_ready(p)]
+            if ready:
+                return self._least_loaded(ready)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._not_ready_failure(namespace, target, pod_name, pods, wait_seconds)
+            await self._watch_for_change(namespace, target, pod_name, version, remaining)
+
+    async def _watch_for_change(
+        self, namespace: str, target: Target, pod_name: str | None, version: str, remaining: float
+    ) -> None:
+        selectors: dict[str, str] = (
+            {"field_selector": f"metadata.name={pod_name}"}
+            if pod_name
+            else {"label_selector": target.selector.to_query()}  # type: ignore[union-attr]
+        )
+        w = watch.Watch()
+        try:
+            async with asyncio.timeout(remaining):
+                async for event in w.stream(
+                    self._core.list_namespaced_pod,
+                    namespace,
+                    resource_version=version,
+                    timeout_seconds=max(1, int(remaining) + 1),
+                    **selectors,
+                ):
+                    if event["type"] in ("ADDED", "MODIFIED") and is_ready(event["object"]):
+                        return
+        except TimeoutError:
+            return
+        except ApiException as e:
+            if e.status != 410:  # an expired resourceVersion just means: list again
+                raise
+        finally:
+            w.stop()
+
+    @staticmethod
+    def _not_ready_failure(
+        namespace: str, target: Target, pod_name: str | None, pods: list[Any], waited_seconds: float
+    ) -> TaskFailure:
+        waited = f"after waiting {waited_seconds:g}s"
+        if pod_name:
+            if not pods:
+                return TaskFailure(
+                    Reason.POD_NOT_FOUND, f"Pod {pod_name} does not exist in {namespace} ({waited})."
+                )
+            return TaskFailure(Reason.POD_NOT_READY, f"Pod {pod_name} did not become Ready ({waited}).")
+        query = target.selector.to_query() if target.selector else ""
+        if not pods:
+            return TaskFailure(Reason.POD_NOT_FOUND, f"No pod in {namespace} matches {query} ({waited}).")
+        return TaskFailure(
+            Reason.POD_NOT_READY, f"None of the {len(pods)} pods matching {query} became Ready ({waited})."
+        )
+
+    async def ensure_template_pod(self, task: dict[str, Any], spec: PythonTaskSpec) -> Any:
+        """The task's own pod: adopted if it already exists (operator restart), else created."""
+        meta = task["metadata"]
+        existing = await self._core.list_namespaced_pod(
+            meta["namespace"], label_selector=f"{TASK_UID_LABEL}={meta['uid']}"
+        )
+        alive = [p for p in existing.items if p.metadata.deletion_timestamp is None]
+        if alive:
+            return alive[0]
+        try:
+            manifest = template_pod_manifest(task, spec)
+            return await self._core.create_namespaced_pod(meta["namespace"], manifest)  # type: ignore[arg-type]
+        except ApiException as e:
+            if e.status in (400, 422):
+                raise TaskFailure(
+                    Reason.INVALID_POD_TEMPLATE, f"The pod template was rejected: {api_message(e)}"
+                ) from e
+            raise
+
+    async def delete(self, pod: Any) -> None:
+        """Deletes exactly this pod (uid precondition), if it still exists."""
+        try:
+            await self._core.delete_namespaced_pod(
+                pod.metadata.name,
+                pod.metadata.namespace,
+                body={"preconditions": {"uid": pod.metadata.uid}},  # type: ignore[arg-type]
+            )
+        except ApiException as e:
+            if not is_not_found(e) and e.status != 409:
+                raise

@@ -1,0 +1,170 @@
+"""What a PythonTask's status says, computed from facts (pure; the handlers write it).
+
+Conditions follow Kubernetes conventions and kstatus: `Reconciling` while work is in flight,
+`Stalled` on terminal failure, `Ready` once succeeded; plus `Succeeded`/`Failed` (present only when
+true, like a Job's `Complete`/`Failed`) so `kubectl wait --for=condition=Succeeded` works.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class Reason(StrEnum):
+    WAITING_FOR_POD = "WaitingForPod"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    NON_ZERO_EXIT_CODE = "NonZeroExitCode"
+    KILLED = "Killed"
+    POD_NOT_READY = "PodNotReady"
+    POD_NOT_FOUND = "PodNotFound"
+    POD_LOST = "PodLost"
+    CONTAINER_NOT_FOUND = "ContainerNotFound"
+    CONTAINER_NOT_SPECIFIED = "ContainerNotSpecified"
+    SCRIPT_NOT_FOUND = "ScriptNotFound"
+    CONFIG_NOT_FOUND = "ConfigNotFound"
+    INVALID_SPEC = "InvalidSpec"
+    INVALID_POD_TEMPLATE = "InvalidPodTemplate"
+    EXEC_ERROR = "ExecError"
+    RESULT_UNKNOWN = "ResultUnknown"
+
+
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: Phase
+    reason: str
+    message: str
+
+
+def verdict_for_exit(exit_code: int, signal: int | None = None) -> Verdict:
+    """The verdict for a script that ran to an exit status."""
+    if exit_code == 0:
+        return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, "The script exited 0.")
+    if signal:
+        name = SIGNAL_NAMES.get(signal, f"signal {signal}")
+        return Verdict(
+            Phase.FAILED, Reason.KILLED, f"The script was killed by {name} (exit code {exit_code})."
+        )
+    return Verdict(
+        Phase.FAILED,
+        Reason.NON_ZERO_EXIT_CODE,
+        f"The script exited with code {exit_code}; see status.output.stderr.",
+    )
+
+
+def _condition(
+    type_: str,
+    status: bool,
+    *,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Mapping[str, Any],
+    at: str,
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    before = previous.get(type_)
+    # lastTransitionTime moves only when the status flips.
+    since = before["lastTransitionTime"] if before and before.get("status") == value else at
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def conditions(
+    phase: Phase,
+    *,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: list[dict[str, Any]] | None,
+    at: str,
+) -> list[dict[str, Any]]:
+    prev: dict[str, Any] = {str(c.get("type")): c for c in previous or []}
+    common: dict[str, Any] = {
+        "reason": reason,
+        "message": message,
+        "generation": generation,
+        "previous": prev,
+        "at": at,
+    }
+    out = [
+        _condition("Ready", phase is Phase.SUCCEEDED, **common),
+        _condition("Reconciling", phase not in TERMINAL, **common),
+        _condition("Stalled", phase is Phase.FAILED, **common),
+    ]
+    if phase is Phase.SUCCEEDED:
+        out.append(_condition("Succeeded", True, **common))
+    if phase is Phase.FAILED:
+        out.append(_condition("Failed", True, **common))
+    return out
+
+
+def is_done_for(status: Mapping[str, Any], generation: int, rerun_token: str) -> bool:
+    """True when the status already holds a final result for this generation and rerun request."""
+    return (
+        status.get("phase") in TERMINAL
+        and status.get("observedGeneration") == generation
+        and (status.get("rerunToken") or "") == rerun_token
+    )
+
+
+def phase_patch(
+    phase: Phase,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    rerun_token: str,
+    previous: Mapping[str, Any],
+    at: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A merge patch for the status subresource. `fields` are set as given (None deletes)."""
+    at = at or now()
+    patch: dict[str, Any] = {
+        "phase": str(phase),
+        "reason": str(reason),
+        "message": message,
+        "observedGeneration": generation,
+        "rerunToken": rerun_token,
+        "conditions": conditions(
+            phase,
+            reason=reason,
+            message=message,
+            generation=generation,
+            previous=previous.get("conditions"),
+            at=at,
+        ),
+    }
+    if phase in TERMINAL:
+        patch["completionTime"] = at
+        patch["currentAttempt"] = None
+    patch.update(fields)
+    return patch
