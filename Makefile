@@ -26,16 +26,22 @@ cluster: binaries
 cluster-down:
 	hack/cluster.sh down
 
-# With no KUBECONFIG: bring up the local cluster. (The operator itself is not built yet.)
+KUBECTL = "$$(hack/build-cluster-binaries.sh | tail -n1)/kubectl"
+
+# With no KUBECONFIG: bring up the local cluster, install the CRD, run the operator in the foreground.
+# With KUBECONFIG: the same against that cluster.
 run: venv
 	@if [ -z "$$KUBECONFIG" ]; then $(MAKE) --no-print-directory cluster; export KUBECONFIG=$(LOCAL_KUBECONFIG); fi; \
-	  echo "cluster ready: export KUBECONFIG=$${KUBECONFIG}"; \
-	  echo "the PythonTask operator does not exist yet; make run stops here"
+	  $(KUBECTL) apply --server-side -k crds/ && \
+	  $(KUBECTL) wait --for=condition=Established --timeout=60s crd/pythontasks.pythontask.dev && \
+	  echo "operator starting; in another shell: export KUBECONFIG=$$KUBECONFIG" && \
+	  exec $(PY) -m pythontask --all-namespaces
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 fmt: venv
 	$(VENV)/bin/ruff format operator tests

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client, config
 
 from support import cluster as local_cluster
+from support.operator import OperatorProcess
+from support.tasks import TaskClient
 
 CLUSTER_TESTS = Path(__file__).parent / "cluster"
 
@@ -52,3 +54,23 @@ async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> A
     await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
     yield name
     await core.delete_namespace(name, grace_period_seconds=0)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: local_cluster.Cluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(local_cluster.ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pythontasks.pythontask.dev")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: local_cluster.Cluster, crds: None) -> Iterator[OperatorProcess]:
+    """The operator, running for the whole session (tests that kill it start it again)."""
+    process = OperatorProcess(cluster, local_cluster.ROOT / ".local/logs")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def tasks(api: client.ApiClient, namespace: str, operator: OperatorProcess) -> TaskClient:
+    return TaskClient(api, namespace)

@@ -1,0 +1,69 @@
+"""Create PythonTasks and wait for them, through the API as Argo CD or a user would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from pythontask.spec import GROUP, PLURAL, VERSION
+from support.waiting import eventually
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+def task_manifest(name: str, spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PythonTask",
+        "metadata": {"name": name, **metadata},
+        "spec": spec,
+    }
+
+
+class TaskClient:
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+
+    async def create(self, name: str, spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+        body = task_manifest(name, spec, **metadata)
+        result: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return result
+
+    async def get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return result
+
+    async def patch(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, body, _content_type="application/merge-patch+json"
+        )
+        return result
+
+    async def delete(self, name: str) -> None:
+        await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    async def wait_status(
+        self, name: str, *, within: float = 60, phases: tuple[str, ...] = TERMINAL
+    ) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            status: dict[str, Any] = (await self.get(name)).get("status") or {}
+            return status if status.get("phase") in phases else None
+
+        return await eventually(probe, within=within, what=f"task {name} to reach {'/'.join(phases)}")
+
+    async def run(self, name: str, spec: dict[str, Any], *, within: float = 60) -> dict[str, Any]:
+        await self.create(name, spec)
+        return await self.wait_status(name, within=within)
+
+    async def events(self, name: str) -> list[Any]:
+        listing = await self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=PythonTask"
+        )
+        return list(listing.items)

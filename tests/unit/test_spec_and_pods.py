@@ -1,0 +1,123 @@
+"""The typed spec, the CRD's agreement with it, and pure pod decisions."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pythontask import durations
+from pythontask.failures import TaskFailure
+from pythontask.pods import (
+    DEFAULT_CONTAINER_ANNOTATION,
+    IDLE_PROGRAM,
+    TASK_UID_LABEL,
+    pick_container,
+    template_pod_manifest,
+)
+from pythontask.spec import LabelSelector, PythonTaskSpec
+
+CRD = Path(__file__).resolve().parents[2] / "crds/pythontask.dev_pythontasks.yaml"
+
+
+def test_defaults() -> None:
+    spec = PythonTaskSpec.model_validate({"target": {"podName": "w"}, "script": {"inline": "1"}})
+    assert spec.python == ["python3"]
+    assert spec.timeouts.pod_ready_seconds == 300
+    assert spec.output.tail_bytes == 8192
+    assert spec.target.kind == "podName"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"target": {"podName": "w", "selector": {"matchLabels": {"a": "b"}}}, "script": {"inline": "1"}},
+        {"target": {"podName": "w"}, "script": {}},
+        {"target": {"podName": "w"}, "script": {"inline": "1"}, "timeouts": {"podReady": "soon"}},
+        {"target": {"podName": "w"}, "script": {"inline": "1"}, "output": {"tailBytes": 70000}},
+        {"target": {"podName": "w"}, "script": {"inline": "1"}, "python": []},
+    ],
+)
+def test_invalid_specs_are_refused_by_the_model_too(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        PythonTaskSpec.model_validate(body)
+
+
+def test_selector_query() -> None:
+    selector = LabelSelector.model_validate(
+        {
+            "matchLabels": {"app": "w", "tier": "batch"},
+            "matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a", "b"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "gpu", "operator": "Exists"},
+                {"key": "env", "operator": "NotIn", "values": ["dev"]},
+            ],
+        }
+    )
+    assert selector.to_query() == "app=w,tier=batch,zone in (a,b),!canary,gpu,env notin (dev)"
+
+
+def test_crd_duration_rule_is_the_parsers_pattern() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rule = schema["properties"]["spec"]["properties"]["timeouts"]["properties"]["podReady"][
+        "x-kubernetes-validations"
+    ][0]["rule"]
+    cel_pattern = re.search(r"matches\('(.*)'\)", rule).group(1).replace("\\\\", "\\")  # type: ignore[union-attr]
+    assert cel_pattern == durations.PATTERN
+
+
+def pod(containers: list[str], annotations: dict[str, str] | None = None) -> Any:
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name="p", annotations=annotations),
+        spec=SimpleNamespace(containers=[SimpleNamespace(name=c) for c in containers]),
+    )
+
+
+def test_pick_container() -> None:
+    assert pick_container(pod(["only"]), None) == "only"
+    assert pick_container(pod(["a", "b"]), "b") == "b"
+    assert pick_container(pod(["a", "b"], {DEFAULT_CONTAINER_ANNOTATION: "b"}), None) == "b"
+    with pytest.raises(TaskFailure, match=r"set spec\.target\.container") as e:
+        pick_container(pod(["a", "b"]), None)
+    assert e.value.reason == "ContainerNotSpecified"
+    with pytest.raises(TaskFailure) as e:
+        pick_container(pod(["a"]), "z")
+    assert e.value.reason == "ContainerNotFound"
+
+
+def test_template_pod_manifest_is_owned_labelled_and_kept_alive() -> None:
+    task = {"metadata": {"name": "backfill", "namespace": "ns", "uid": "u-1"}}
+    spec = PythonTaskSpec.model_validate(
+        {
+            "target": {
+                "template": {
+                    "metadata": {"labels": {"team": "a"}},
+                    "spec": {
+                        "containers": [
+                            {"name": "py", "image": "i"},
+                            {"name": "side", "image": "i", "command": ["x"]},
+                        ]
+                    },
+                }
+            },
+            "script": {"inline": "1"},
+            "python": ["/venv/bin/python"],
+        }
+    )
+    manifest = template_pod_manifest(task, spec)
+    meta = manifest["metadata"]
+    assert meta["generateName"] == "backfill-"
+    assert meta["labels"] == {"team": "a", TASK_UID_LABEL: "u-1", "pythontask.dev/task": "backfill"}
+    assert meta["ownerReferences"][0]["uid"] == "u-1"
+    assert meta["ownerReferences"][0]["controller"] is True
+    containers = manifest["spec"]["containers"]
+    assert containers[0]["command"] == ["/venv/bin/python", "-c", IDLE_PROGRAM]
+    assert containers[1]["command"] == ["x"]  # its own command is kept
+    assert "command" not in spec.target.template["spec"]["containers"][0]  # type: ignore[index]  # not mutated

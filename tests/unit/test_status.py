@@ -1,0 +1,84 @@
+"""Status and conditions, computed without a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from pythontask import status as st
+
+
+def kinds(conditions: list[dict[str, object]]) -> dict[object, object]:
+    return {c["type"]: c["status"] for c in conditions}
+
+
+@pytest.mark.parametrize(
+    ("phase", "expected"),
+    [
+        (st.Phase.PENDING, {"Ready": "False", "Reconciling": "True", "Stalled": "False"}),
+        (st.Phase.RUNNING, {"Ready": "False", "Reconciling": "True", "Stalled": "False"}),
+        (
+            st.Phase.SUCCEEDED,
+            {"Ready": "True", "Reconciling": "False", "Stalled": "False", "Succeeded": "True"},
+        ),
+        (st.Phase.FAILED, {"Ready": "False", "Reconciling": "False", "Stalled": "True", "Failed": "True"}),
+    ],
+)
+def test_conditions_per_phase(phase: st.Phase, expected: dict[str, str]) -> None:
+    got = st.conditions(phase, reason="R", message="m", generation=4, previous=None, at="T1")
+    assert kinds(got) == expected
+    assert all(c["observedGeneration"] == 4 and c["lastTransitionTime"] == "T1" for c in got)
+
+
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    running = st.conditions(
+        st.Phase.RUNNING, reason="Running", message="m", generation=1, previous=None, at="T1"
+    )
+    done = st.conditions(
+        st.Phase.SUCCEEDED, reason="Completed", message="m", generation=1, previous=running, at="T2"
+    )
+    by_type = {c["type"]: c for c in done}
+    assert by_type["Stalled"]["lastTransitionTime"] == "T1"  # False before and after
+    assert by_type["Ready"]["lastTransitionTime"] == "T2"  # False -> True
+    assert by_type["Reconciling"]["lastTransitionTime"] == "T2"  # True -> False
+
+
+@pytest.mark.parametrize(
+    ("code", "signal", "phase", "reason"),
+    [
+        (0, None, st.Phase.SUCCEEDED, "Completed"),
+        (3, None, st.Phase.FAILED, "NonZeroExitCode"),
+        (137, 9, st.Phase.FAILED, "Killed"),
+        (143, 15, st.Phase.FAILED, "Killed"),
+    ],
+)
+def test_verdict_for_exit(code: int, signal: int | None, phase: st.Phase, reason: str) -> None:
+    verdict = st.verdict_for_exit(code, signal)
+    assert (verdict.phase, verdict.reason) == (phase, reason)
+    assert str(code) in verdict.message
+
+
+def test_killed_names_the_signal() -> None:
+    assert "SIGKILL" in st.verdict_for_exit(137, 9).message
+    assert "SIGTERM" in st.verdict_for_exit(143, 15).message
+
+
+def test_done_only_for_the_same_generation_and_rerun_token() -> None:
+    status = {"phase": "Succeeded", "observedGeneration": 2, "rerunToken": "a"}
+    assert st.is_done_for(status, 2, "a")
+    assert not st.is_done_for(status, 3, "a")  # spec changed
+    assert not st.is_done_for(status, 2, "b")  # rerun requested
+    assert not st.is_done_for({**status, "phase": "Running"}, 2, "a")
+    assert not st.is_done_for({}, 1, "")
+
+
+def test_final_patch_clears_the_current_attempt_and_sets_completion() -> None:
+    patch = st.phase_patch(
+        st.Phase.FAILED, "NonZeroExitCode", "m", generation=1, rerun_token="", previous={}, at="T", exitCode=3
+    )
+    assert patch["currentAttempt"] is None  # merge patch: delete
+    assert patch["completionTime"] == "T"
+    assert patch["exitCode"] == 3
+    running = st.phase_patch(
+        st.Phase.RUNNING, "Running", "m", generation=1, rerun_token="", previous={}, at="T"
+    )
+    assert "completionTime" not in running
