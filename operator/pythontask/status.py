@@ -17,6 +17,7 @@ from typing import Any
 class Phase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
+    RETRYING = "Retrying"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -30,6 +31,12 @@ class Reason(StrEnum):
     COMPLETED = "Completed"
     NON_ZERO_EXIT_CODE = "NonZeroExitCode"
     KILLED = "Killed"
+    OOM_KILLED = "OOMKilled"
+    CONNECT_TIMEOUT = "ConnectTimeout"
+    HANG = "Hang"
+    ATTEMPT_TIMEOUT = "AttemptTimeout"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    STREAM_BROKEN = "StreamBroken"
     POD_NOT_READY = "PodNotReady"
     POD_NOT_FOUND = "PodNotFound"
     POD_LOST = "PodLost"

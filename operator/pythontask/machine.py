@@ -1,0 +1,292 @@
+"""The attempt/retry state machine: pure, no I/O, unit- and property-tested without a cluster.
+
+The runner asks it two things: may an attempt begin now (`begin`), and what follows an attempt's
+outcome (`end`). The recovery decision tree (after the field runbook for exec hangs):
+
+- exec never connects, or the container is not ready: wait for readiness again, retry;
+- exec into the pod keeps failing, or the pod went NotReady mid-run: restart the pod, retry there;
+- connected but silent (a hang) while the pod stays Ready: per `onHang`, kill and retry, restart the
+  pod, or fail;
+- a pod is restarted (deleted) only when something recreates it; otherwise the task fails, saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from .status import SIGNAL_NAMES, Phase, Reason
+
+HISTORY_LIMIT = 10
+EXEC_FAILURES_BEFORE_RESTART = 2
+
+
+class Kind(StrEnum):
+    """How an attempt ended."""
+
+    EXITED = "Exited"  # the script's exit status is known
+    CONNECT_FAILED = "ExecError"  # exec refused or broke before the script started
+    CONNECT_TIMEOUT = "ConnectTimeout"
+    HANG = "Hang"  # no output for `timeouts.idle`
+    ATTEMPT_TIMEOUT = "AttemptTimeout"
+    DEADLINE = "DeadlineExceeded"  # `timeouts.total` ran out during the attempt
+    POD_LOST = "PodLost"  # deleted, evicted, node gone
+    POD_NOT_READY = "PodNotReady"  # went NotReady mid-run, or never became Ready again
+    STREAM_BROKEN = "StreamBroken"  # the script could not be followed to its end
+    FAILED = "Failed"  # a final failure found before running (bad input): never retried
+
+
+class OnHang(StrEnum):
+    RETRY = "Retry"
+    RESTART_POD = "RestartPod"
+    FAIL = "Fail"
+
+
+class Action(StrEnum):
+    SUCCEED = "Succeed"
+    FAIL = "Fail"
+    RETRY = "Retry"
+    RESTART_POD = "RestartPod"  # delete the pod, wait for its replacement, then retry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Kind
+    message: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    oom_killed: bool = False
+    reason: str | None = None  # for FAILED: the status reason
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    name: str
+    restartable: bool  # deleting it brings a Ready replacement this task can use
+    why_not: str = ""  # why it is not restartable, in a sentence
+
+
+@dataclass(frozen=True)
+class Policy:
+    retry_limit: int = 2
+    backoff_initial: float = 10.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 300.0
+    retry_exit_codes_in: bool = False  # onExitCodes.operator == In
+    retry_exit_codes: frozenset[int] = frozenset()  # with NotIn and no values: retry every code
+    on_hang: OnHang | None = None  # None: RestartPod where allowed, else Retry
+    total: float | None = None  # seconds for the whole task, including waits
+
+    def retries_exit_code(self, code: int) -> bool:
+        return (code in self.retry_exit_codes) == self.retry_exit_codes_in
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    number: int
+    id: str
+    pod: str
+    start: float
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    attempt: int
+    pod: str
+    start: float
+    end: float
+    reason: str
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    message: str
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskState:
+    attempts: int = 0
+    current: AttemptRecord | None = None
+    history: tuple[HistoryEntry, ...] = ()
+    phase: Phase = Phase.PENDING
+    next_retry_at: float | None = None
+    restart_pod: str | None = None  # pod to restart before the next attempt
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+    started_at: float | None = None  # the first attempt's start (for `timeouts.total`)
+    # Trailing exec failures on one pod: "exec into it keeps failing".
+    exec_failures: tuple[str, int] = field(default=("", 0))
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+def may_begin(state: TaskState, now: float) -> bool:
+    return (
+        not state.terminal
+        and state.current is None
+        and (state.next_retry_at is None or now >= state.next_retry_at)
+        and state.restart_pod is None
+    )
+
+
+def begin(state: TaskState, record: AttemptRecord) -> TaskState:
+    """Records an attempt before its script starts. At most one attempt is ever in flight."""
+    if not may_begin(state, record.start):
+        raise IllegalTransition(f"attempt {record.number} may not begin in {state!r}")
+    if record.number != state.attempts + 1:
+        raise IllegalTransition(f"attempt {record.number} does not follow {state.attempts}")
+    return replace(
+        state,
+        attempts=record.number,
+        current=record,
+        phase=Phase.RUNNING,
+        next_retry_at=None,
+        started_at=state.started_at if state.started_at is not None else record.start,
+        reason=str(Reason.RUNNING),
+        message=f"Attempt {record.number} is running in pod {record.pod}.",
+    )
+
+
+def pod_restarted(state: TaskState) -> TaskState:
+    """The pod named in `restart_pod` was restarted (or found gone): attempts may begin again."""
+    return replace(state, restart_pod=None, exec_failures=("", 0))
+
+
+def give_up(state: TaskState, reason: str, message: str, now: float) -> TaskState:
+    """Ends the task without an attempt outcome (e.g. `timeouts.total` ran out while waiting)."""
+    if state.terminal:
+        return state
+    return _final(replace(state, current=None, next_retry_at=None), Phase.FAILED, reason, message, None)
+
+
+def _final(state: TaskState, phase: Phase, reason: str, message: str, exit_code: int | None) -> TaskState:
+    return replace(state, phase=phase, reason=reason, message=message, exit_code=exit_code, restart_pod=None)
+
+
+def classify(outcome: Outcome) -> str:
+    """The status reason for an attempt's outcome."""
+    if outcome.kind is Kind.EXITED:
+        assert outcome.exit_code is not None
+        if outcome.exit_code == 0:
+            return str(Reason.COMPLETED)
+        if outcome.oom_killed:
+            return str(Reason.OOM_KILLED)
+        if outcome.signal:
+            return str(Reason.KILLED)
+        return str(Reason.NON_ZERO_EXIT_CODE)
+    if outcome.kind is Kind.FAILED:
+        return outcome.reason or str(Reason.EXEC_ERROR)
+    return str(outcome.kind)
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.kind is not Kind.EXITED:
+        return outcome.message
+    code = outcome.exit_code
+    if code == 0:
+        return "The script exited 0."
+    if outcome.oom_killed:
+        return f"The script was killed for running out of memory (exit code {code})."
+    if outcome.signal:
+        name = SIGNAL_NAMES.get(outcome.signal, f"signal {outcome.signal}")
+        return f"The script was killed by {name} (exit code {code})."
+    return f"The script exited with code {code}; see status.output.stderr."
+
+
+def end(
+    state: TaskState, attempt_id: str, outcome: Outcome, *, pod: PodFacts, policy: Policy, now: float
+) -> tuple[TaskState, Decision | None]:
+    """Closes the attempt in flight and decides what follows. An unknown attempt id changes nothing
+    (a late or repeated report must never close a newer attempt, nor reopen a finished task)."""
+    current = state.current
+    if current is None or current.id != attempt_id or state.terminal:
+        return state, None
+    reason = classify(outcome)
+    entry = HistoryEntry(current.number, current.pod, current.start, now, reason, outcome.exit_code)
+    history = (*state.history, entry)[-HISTORY_LIMIT:]
+    failures = _exec_failures(state, outcome, current.pod)
+    state = replace(state, current=None, history=history, exec_failures=failures)
+    decision = _decide(state, outcome, reason=reason, pod=pod, policy=policy, now=now)
+    if decision.action is Action.SUCCEED:
+        return _final(state, Phase.SUCCEEDED, reason, decision.message, outcome.exit_code), decision
+    if decision.action is Action.FAIL:
+        return _final(state, Phase.FAILED, decision.reason, decision.message, outcome.exit_code), decision
+    retrying = replace(
+        state,
+        phase=Phase.RETRYING,
+        reason=reason,
+        message=decision.message,
+        exit_code=outcome.exit_code,
+        next_retry_at=now + decision.delay,
+        restart_pod=current.pod if decision.action is Action.RESTART_POD else None,
+    )
+    return retrying, decision
+
+
+def _exec_failures(state: TaskState, outcome: Outcome, pod: str) -> tuple[str, int]:
+    if outcome.kind not in (Kind.CONNECT_FAILED, Kind.CONNECT_TIMEOUT):
+        return ("", 0)
+    last_pod, count = state.exec_failures
+    return (pod, count + 1 if last_pod == pod else 1)
+
+
+def _decide(
+    state: TaskState, outcome: Outcome, *, reason: str, pod: PodFacts, policy: Policy, now: float
+) -> Decision:
+    message = _describe(outcome)
+    if outcome.kind is Kind.EXITED and outcome.exit_code == 0:
+        return Decision(Action.SUCCEED, reason, message)
+    if outcome.kind in (Kind.FAILED, Kind.DEADLINE):
+        return Decision(Action.FAIL, reason, message)
+    if outcome.kind is Kind.EXITED:
+        assert outcome.exit_code is not None
+        if not policy.retries_exit_code(outcome.exit_code):
+            return Decision(Action.FAIL, reason, f"{message} Exit code {outcome.exit_code} is not retried.")
+    action = Action.RETRY
+    if outcome.kind is Kind.HANG:
+        on_hang = policy.on_hang or (OnHang.RESTART_POD if pod.restartable else OnHang.RETRY)
+        if on_hang is OnHang.FAIL:
+            return Decision(Action.FAIL, reason, f"{message} onHang is Fail.")
+        if on_hang is OnHang.RESTART_POD:
+            if not pod.restartable:
+                return Decision(Action.FAIL, reason, f"{message} The pod was not restarted: {pod.why_not}")
+            action = Action.RESTART_POD
+    elif outcome.kind in (Kind.POD_NOT_READY, Kind.STREAM_BROKEN) or (
+        state.exec_failures[1] >= EXEC_FAILURES_BEFORE_RESTART
+    ):
+        # The pod itself is the problem: restart it, where something recreates it.
+        if not pod.restartable:
+            return Decision(Action.FAIL, reason, f"{message} The pod was not restarted: {pod.why_not}")
+        action = Action.RESTART_POD
+    if state.attempts > policy.retry_limit:
+        tried = "1 attempt" if state.attempts == 1 else f"{state.attempts} attempts"
+        return Decision(
+            Action.FAIL, reason, f"{message} Gave up after {tried} (retry.limit {policy.retry_limit})."
+        )
+    delay = policy.backoff(state.attempts)
+    if (
+        policy.total is not None
+        and state.started_at is not None
+        and now + delay >= state.started_at + policy.total
+    ):
+        return Decision(
+            Action.FAIL,
+            str(Reason.DEADLINE_EXCEEDED),
+            f"{message} No time left for another attempt within timeouts.total.",
+        )
+    verb = "Restarting pod " + pod.name + ", then retrying" if action is Action.RESTART_POD else "Retrying"
+    return Decision(action, reason, f"{message} {verb} in {delay:g}s (attempt {state.attempts + 1}).", delay)
