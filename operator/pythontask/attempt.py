@@ -1,12 +1,17 @@
-"""One attempt: exec the agent into the pod, stream its framed output, and report what happened.
+"""One attempt: exec the agent into the pod, stream its framed output under deadlines, and report.
 
-The script's exit code comes from the agent's in-band result, not from the exec status frame (kwok,
-and runtimes with exec bugs, do not carry it reliably). No result means the outcome is unknown.
+- The exit code comes from the agent's in-band result, not from the exec status frame (kwok, and
+  runtimes with exec bugs, do not carry it reliably). No result means the outcome is unknown.
+- Deadlines: `connect` until the script has started, then `idle` (time since the last output),
+  `attempt`, and `total`. Whichever fires first ends the attempt and is named in the outcome.
+- A stream that breaks after the script started is followed again (the agent's `follow` op) for up to
+  the reattach window: an apiserver restart or a dropped connection does not lose the result.
+- Ending the stream does not stop the script; the runner kills what it abandons.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,23 +29,38 @@ from .agent_protocol import (
 )
 from .exec_client import ExecError, ExecTarget, open_exec
 from .inputs import ResolvedInputs
-from .status import Reason
+from .machine import Kind, Outcome
 
 log = structlog.get_logger(__name__)
+REATTACH_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deadlines are loop.time() values; None means no such deadline."""
+
+    connect: float  # seconds from opening an exec until the script has started
+    idle: float | None
+    attempt_deadline: float
+    total_deadline: float | None
+    reattach_window: float  # seconds to keep trying to follow a script after its stream broke
 
 
 @dataclass
 class AttemptOutcome:
     stdout: exec_wire.Tail
     stderr: exec_wire.Tail
+    kind: Kind | None = None  # None while unknown; set when the attempt ends
     exit_code: int | None = None
     signal: int | None = None
-    reason: str | None = None  # why there is no exit code
+    reason: str | None = None  # for Kind.FAILED
     message: str = ""
     totals: dict[str, int] = field(default_factory=dict)
     resources: dict[str, Any] | None = None
+    sent: bool = False  # the request reached an exec'd agent: a script may have been started
+    accepted: bool = False  # the agent acknowledged the attempt (its directory exists)
     started: bool = False
-    fresh: bool = True  # False when the agent found this attempt already started (reattached)
+    reattached: int = 0
 
     @property
     def stdout_bytes(self) -> int:
@@ -49,6 +69,16 @@ class AttemptOutcome:
     @property
     def stderr_bytes(self) -> int:
         return self.totals.get("stderr", self.stderr.total)
+
+    @property
+    def script_may_be_running(self) -> bool:
+        """True when the script may still run in the container and must be killed."""
+        return self.sent and self.kind not in (Kind.EXITED, Kind.FAILED, Kind.POD_LOST)
+
+    def to_machine(self) -> Outcome:
+        assert self.kind is not None
+        oom = bool(self.resources and self.resources.get("oomKills")) and self.exit_code == 137
+        return Outcome(self.kind, self.message, self.exit_code, self.signal, oom, self.reason)
 
 
 @dataclass(frozen=True)
@@ -60,91 +90,218 @@ class AttemptRequest:
     working_dir: str | None
     inputs: ResolvedInputs
     tail_bytes: int
-    connect_timeout: float = 30.0
 
-    def agent_request(self) -> dict[str, Any]:
-        return {
-            "op": "run",
-            "dir": self.attempt_dir,
-            "python": self.python,
-            "args": self.args,
-            "env": self.inputs.env,
-            "workingDir": self.working_dir,
-            "scriptPath": self.inputs.script_path,
-            "tail": self.tail_bytes,
-        }
+    def agent_request(self, op: str) -> dict[str, Any]:
+        request: dict[str, Any] = {"op": op, "dir": self.attempt_dir, "tail": self.tail_bytes}
+        if op == "run":
+            request.update(
+                python=self.python,
+                args=self.args,
+                env=self.inputs.env,
+                workingDir=self.working_dir,
+                scriptPath=self.inputs.script_path,
+            )
+        return request
 
 
-async def run_attempt(api: client.ApiClient, req: AttemptRequest) -> AttemptOutcome:
-    outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
-    agent_stderr = exec_wire.Tail(4096)
-    decoder = AgentStreamDecoder()
-    result: dict[str, Any] | None = None
-    began = time.monotonic()
-    try:
+class _Ended(Exception):
+    """The attempt is over (a deadline, the pod lost, or a final agent error)."""
+
+    def __init__(self, kind: Kind, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.reason = kind, message, reason
+
+
+class _Session:
+    def __init__(self, req: AttemptRequest, limits: Limits, outcome: AttemptOutcome) -> None:
+        self.req = req
+        self.limits = limits
+        self.outcome = outcome
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.connect_deadline = loop.time() + limits.connect
+        self.last_output = loop.time()
+        self.caught_up = False
+        self.result: dict[str, Any] | None = None
+
+    def deadline(self) -> float:
+        candidates = [self.limits.attempt_deadline]
+        if self.limits.total_deadline is not None:
+            candidates.append(self.limits.total_deadline)
+        if not self.outcome.started:
+            candidates.append(self.connect_deadline)
+        elif self.limits.idle is not None:
+            candidates.append(self.last_output + self.limits.idle)
+        return min(candidates)
+
+    def expired(self) -> _Ended:
+        now = self.loop.time()
+        if self.limits.total_deadline is not None and now >= self.limits.total_deadline:
+            return _Ended(Kind.DEADLINE, "timeouts.total ran out while the script was running.")
+        if now >= self.limits.attempt_deadline:
+            return _Ended(Kind.ATTEMPT_TIMEOUT, "The attempt ran past timeouts.attempt.")
+        if not self.outcome.started:
+            return _Ended(
+                Kind.CONNECT_TIMEOUT,
+                f"The script had not started {self.limits.connect:g}s after exec was opened.",
+            )
+        return _Ended(Kind.HANG, f"No output on stdout or stderr for {self.limits.idle:g}s.")
+
+    def on_message(self, message: Message) -> None:
+        kind = message.type
+        if kind == "accepted":
+            self.outcome.accepted = True
+        elif kind == "started":
+            self.outcome.started = True
+            self.last_output = self.loop.time()
+        elif kind == "caughtUp":
+            self.caught_up = True
+        elif kind == "result":
+            self.outcome.totals = {k: int(v) for k, v in (message.fields.get("totals") or {}).items()}
+            result = message.fields.get("result")
+            self.result = result if isinstance(result, dict) else {"error": "the agent sent an empty result"}
+        elif kind == "error":
+            reason = message.fields.get("reason")
+            text = str(message.fields.get("message", "the agent reported an error"))
+            if reason:
+                raise _Ended(Kind.FAILED, text, reason)
+            raise _Ended(Kind.CONNECT_FAILED, text)
+        elif kind == "missing":
+            raise _Ended(Kind.STREAM_BROKEN, "The attempt's directory is gone from the container.")
+
+    async def stream_once(self, api: client.ApiClient, op: str) -> exec_wire.ExecStatus | None:
+        """One exec of the agent; returns the exec status when the stream ends without a result."""
+        self.caught_up = False
+        decoder = AgentStreamDecoder()
+        agent_stderr = exec_wire.Tail(4096)
+        if op == "follow":
+            # The agent replays the last tail bytes: start the tails afresh, keep the totals from it.
+            self.outcome.stdout = exec_wire.Tail(self.req.tail_bytes)
+            self.outcome.stderr = exec_wire.Tail(self.req.tail_bytes)
+        payload = encode_stdin(
+            self.req.agent_request(op), (self.req.inputs.script or b"") if op == "run" else None
+        )
+        connect = max(0.1, min(self.limits.connect, self.deadline() - self.loop.time()))
         async with open_exec(
-            api, req.target, agent_command(req.python), connect_timeout=req.connect_timeout
+            api, self.req.target, agent_command(self.req.python), connect_timeout=connect
         ) as stream:
-            await stream.write_stdin(encode_stdin(req.agent_request(), req.inputs.script or b""))
-            async for channel, data in stream.frames():
-                if channel == exec_wire.STDERR:
-                    agent_stderr.append(data)
-                    continue
-                for event in decoder.feed(data):
-                    if isinstance(event, Output):
-                        (outcome.stdout if event.stream == "stdout" else outcome.stderr).append(event.data)
-                    else:
-                        result = _on_message(outcome, event) or result
+            await stream.write_stdin(payload)
+            self.outcome.sent = True
+            async with asyncio.timeout_at(self.deadline()) as timer:
+                async for channel, data in stream.frames():
+                    if channel == exec_wire.STDERR:
+                        agent_stderr.append(data)
+                        continue
+                    for event in decoder.feed(data):
+                        if isinstance(event, Output):
+                            (self.outcome.stdout if event.stream == "stdout" else self.outcome.stderr).append(
+                                event.data
+                            )
+                            if self.caught_up:
+                                self.last_output = self.loop.time()
+                        else:
+                            self.on_message(event)
+                    if self.result is not None:
+                        return None
+                    timer.reschedule(self.deadline())
             status = stream.status
-    except ExecError as e:
-        outcome.reason, outcome.message = Reason.EXEC_ERROR, str(e)
+        if agent_stderr.total:
+            raise ExecError(f"the agent failed in the container: {agent_stderr.text().strip()}")
+        return status
+
+
+async def run_attempt(
+    api: client.ApiClient, req: AttemptRequest, limits: Limits, pod_lost: asyncio.Event | None = None
+) -> AttemptOutcome:
+    outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
+    session = _Session(req, limits, outcome)
+    lost = pod_lost or asyncio.Event()
+    try:
+        await _follow_to_the_end(api, session, lost)
+    except _Ended as ended:
+        outcome.kind, outcome.message, outcome.reason = ended.kind, ended.message, ended.reason
         return outcome
-    except AgentProtocolError as e:
-        outcome.reason, outcome.message = Reason.EXEC_ERROR, str(e)
-        return outcome
-    log.debug("attempt stream ended", seconds=round(time.monotonic() - began, 3), status=status)
-    if result is not None:
-        _apply_result(outcome, result)
-    elif outcome.reason is None:
-        _explain_missing_result(outcome, status, agent_stderr.text().strip())
-    return outcome
-
-
-def _on_message(outcome: AttemptOutcome, message: Message) -> dict[str, Any] | None:
-    kind = message.type
-    if kind == "accepted":
-        outcome.fresh = bool(message.fields.get("fresh"))
-    elif kind == "started":
-        outcome.started = True
-    elif kind == "result":
-        outcome.totals = {k: int(v) for k, v in (message.fields.get("totals") or {}).items()}
-        result = message.fields.get("result")
-        return result if isinstance(result, dict) else {"error": "the agent sent an empty result"}
-    elif kind == "error":
-        outcome.reason = message.fields.get("reason") or Reason.EXEC_ERROR
-        outcome.message = str(message.fields.get("message", "the agent reported an error"))
-    return None
-
-
-def _apply_result(outcome: AttemptOutcome, result: dict[str, Any]) -> None:
+    result = session.result or {}
     outcome.resources = result.get("resources")
     code = result.get("exitCode")
     if isinstance(code, int):
-        outcome.exit_code = code
-        outcome.signal = result.get("signal")
+        outcome.kind, outcome.exit_code, outcome.signal = Kind.EXITED, code, result.get("signal")
     else:
-        outcome.reason = Reason.RESULT_UNKNOWN
-        outcome.message = str(result.get("error") or "the agent reported no exit code")
+        outcome.kind = Kind.STREAM_BROKEN
+        outcome.message = f"The script's exit status is unknown: {result.get('error') or 'no exit code'}."
+    return outcome
 
 
-def _explain_missing_result(
-    outcome: AttemptOutcome, status: exec_wire.ExecStatus | None, agent_err: str
-) -> None:
-    if agent_err:
-        outcome.reason, outcome.message = Reason.EXEC_ERROR, f"The agent failed in the container: {agent_err}"
-    elif status is not None and not status.ok:
-        outcome.reason, outcome.message = Reason.EXEC_ERROR, f"exec failed: {status.message}"
-    else:
-        # A missing status frame, or success without a result, is never taken as success.
-        outcome.reason = Reason.RESULT_UNKNOWN
-        outcome.message = "The exec stream ended before the script's result arrived."
+async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asyncio.Event) -> None:
+    op = "run"
+    broken_since: float | None = None
+    failures = 0
+    while True:
+        problem = await _stream_or_lost(api, session, op, lost)
+        if session.result is not None:
+            return
+        now = session.loop.time()
+        if now >= session.deadline():
+            raise session.expired()
+        if not session.outcome.started and op == "run":
+            if not session.outcome.accepted and _interpreter_missing(problem):
+                # A configuration error, not a sick pod: retrying or restarting cannot help.
+                raise _Ended(
+                    Kind.FAILED,
+                    f"The interpreter {' '.join(session.req.python)!r} (spec.python) could not be run "
+                    f"in container {session.req.target.container}: {problem}",
+                    "ExecError",
+                )
+            raise _Ended(Kind.CONNECT_FAILED, problem)
+        # The script started but its stream ended early: follow it again.
+        broken_since = broken_since if broken_since is not None else now
+        if now - broken_since > session.limits.reattach_window:
+            raise _Ended(
+                Kind.STREAM_BROKEN,
+                f"Lost the script's output stream and could not follow it again: {problem}",
+            )
+        delay = REATTACH_BACKOFF[min(failures, len(REATTACH_BACKOFF) - 1)]
+        failures += 1
+        log.info("exec stream broke; following the script again", problem=problem, retry_in=delay)
+        await asyncio.sleep(delay)
+        op = "follow"
+        session.outcome.reattached += 1
+
+
+def _interpreter_missing(problem: str) -> bool:
+    # Runtimes word it differently: runc/containerd, CRI-O, and Go's os/exec (kwok).
+    text = problem.lower()
+    return any(
+        marker in text
+        for marker in (
+            "executable file not found",
+            "no such file or directory",
+            "exit code 127",
+            "not found in $path",
+        )
+    )
+
+
+async def _stream_or_lost(api: client.ApiClient, session: _Session, op: str, lost: asyncio.Event) -> str:
+    """Streams once; returns why the stream ended without a result (or raises _Ended)."""
+    stream = asyncio.ensure_future(session.stream_once(api, op))
+    lost_wait = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({stream, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost_wait.cancel()
+    if not stream.done():
+        stream.cancel()
+        await asyncio.gather(stream, return_exceptions=True)
+        raise _Ended(Kind.POD_LOST, f"Pod {session.req.target.pod} was deleted while the script ran.")
+    try:
+        status = stream.result()
+    except TimeoutError:
+        raise session.expired() from None
+    except (ExecError, AgentProtocolError) as e:
+        return str(e)
+    if session.result is not None:
+        return ""
+    if status is not None and not status.ok:
+        return f"exec ended: {status.message}"
+    return "the exec stream ended before the script's result arrived"

@@ -17,6 +17,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from .failures import TaskFailure
 from .kube import api_message, is_not_found
+from .machine import PodFacts
 from .spec import GROUP, KIND, VERSION, PythonTaskSpec, Target
 from .status import Reason
 
@@ -54,6 +55,32 @@ def pick_container(pod: Any, wanted: str | None) -> str:
         f"{where} has containers {', '.join(names)} and no {DEFAULT_CONTAINER_ANNOTATION} annotation; "
         "set spec.target.container.",
     )
+
+
+# Controllers that replace a deleted pod.
+RECREATING_KINDS = frozenset({"ReplicaSet", "StatefulSet", "DaemonSet", "Job"})
+
+
+def pod_facts(pod: Any, target: Target) -> PodFacts:
+    """Whether restarting (deleting) this pod brings back one this task can use, and if not, why."""
+    name = pod.metadata.name
+    if target.template is not None:
+        return PodFacts(name, restartable=True)  # the task creates a new one itself
+    owner = next((o for o in pod.metadata.owner_references or [] if o.controller), None)
+    if owner is None:
+        return PodFacts(name, False, f"no controller owns pod {name}, so nothing would recreate it.")
+    if owner.kind not in RECREATING_KINDS:
+        return PodFacts(
+            name, False, f"pod {name} belongs to {owner.kind} {owner.name}, not known to recreate pods."
+        )
+    if target.pod_name and owner.kind != "StatefulSet":
+        return PodFacts(
+            name,
+            False,
+            f"{owner.kind} {owner.name} would replace pod {name} under another name than "
+            "spec.target.podName; target its pods with a selector to allow restarts.",
+        )
+    return PodFacts(name, restartable=True)
 
 
 def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[str, Any]:

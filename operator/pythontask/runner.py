@@ -1,15 +1,18 @@
-"""Runs one PythonTask generation to a final status: pick the pod, record the attempt, exec, record.
+"""Runs one PythonTask generation to a final status, attempt after attempt, as the machine decides.
 
-Crash safety rests on two facts: status records the attempt (id, pod) *before* its script starts, and
-the agent starts an attempt directory at most once. After a restart the same attempt id is sent again:
+Crash safety rests on two facts: status records an attempt (id, pod) *before* its script starts, and
+the agent starts an attempt directory at most once. After a restart the recorded attempt is sent again:
 the agent then follows the script it started before (or starts it if it never did), never a second run.
+The machine's state lives in status, so a restart resumes exactly where status says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -17,21 +20,25 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import exec_wire
+from . import exec_wire, machine
 from . import status as st
 from .agent_protocol import AgentStreamDecoder, Message, agent_command, encode_stdin
-from .attempt import AttemptOutcome, AttemptRequest, run_attempt
+from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
 from .events import Events
 from .exec_client import ExecError, ExecTarget, open_exec
 from .failures import TaskFailure
 from .inputs import Inputs, ResolvedInputs
 from .kube import Tasks, is_not_found
-from .pods import Pods, is_ready, pick_container
+from .pod_monitor import PodMonitor
+from .pods import Pods, is_ready, pick_container, pod_facts
 from .spec import PythonTaskSpec
 
 FINALIZER = "pythontask.dev/finalizer"
 RERUN_ANNOTATION = "pythontask.dev/rerun"
+# Test-only fault injection: exit hard right after an attempt is recorded, before its exec starts.
+CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
 log = structlog.get_logger(__name__)
+_background: set[asyncio.Task[None]] = set()  # fire-and-forget clean-ups, kept referenced until done
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Context:
     pods: Pods
     inputs: Inputs
     events: Events
+    monitor: PodMonitor
     slots: asyncio.Semaphore
 
     @classmethod
@@ -62,6 +70,7 @@ class Context:
             pods=Pods(api),
             inputs=Inputs(api),
             events=Events(api),
+            monitor=PodMonitor(api),
             slots=asyncio.Semaphore(settings.max_attempts_in_flight),
         )
 
@@ -79,6 +88,60 @@ def python_of(body: dict[str, Any]) -> list[str]:
     return list(python) if python else ["python3"]
 
 
+def state_from_status(status: dict[str, Any]) -> machine.TaskState:
+    """The machine's state as status recorded it (empty for a new generation or rerun)."""
+    if not status:
+        return machine.TaskState()
+    current = status.get("currentAttempt")
+    history = tuple(
+        machine.HistoryEntry(
+            attempt=h["attempt"],
+            pod=h.get("pod", ""),
+            start=st.parse_iso(h["startTime"]),
+            end=st.parse_iso(h["completionTime"]),
+            reason=h.get("reason", ""),
+            exit_code=h.get("exitCode"),
+        )
+        for h in status.get("history") or []
+    )
+    phase = (
+        st.Phase(status["phase"])
+        if status.get("phase") in st.Phase.__members__.values()
+        else st.Phase.PENDING
+    )
+    return machine.TaskState(
+        attempts=int(status.get("attempts") or 0),
+        current=machine.AttemptRecord(
+            current["number"], current["id"], current["pod"], st.parse_iso(current["startTime"])
+        )
+        if current
+        else None,
+        history=history,
+        phase=st.Phase.RUNNING if current else phase,
+        next_retry_at=st.parse_iso(status["nextRetryTime"]) if status.get("nextRetryTime") else None,
+        exit_code=status.get("exitCode"),
+        reason=status.get("reason", ""),
+        message=status.get("message", ""),
+        started_at=st.parse_iso(status["startTime"]) if status.get("startTime") else None,
+    )
+
+
+def history_status(state: machine.TaskState) -> list[dict[str, Any]]:
+    out = []
+    for h in state.history:
+        entry: dict[str, Any] = {
+            "attempt": h.attempt,
+            "pod": h.pod,
+            "startTime": st.iso(h.start),
+            "completionTime": st.iso(h.end),
+            "reason": h.reason,
+        }
+        if h.exit_code is not None:
+            entry["exitCode"] = h.exit_code
+        out.append(entry)
+    return out
+
+
 class TaskRunner:
     def __init__(self, ctx: Context, body: dict[str, Any]) -> None:
         self.ctx = ctx
@@ -92,6 +155,8 @@ class TaskRunner:
         # The attempt in flight, as recorded in status: what to kill if the task is abandoned.
         self.current: dict[str, Any] | None = None
         self.abandoned = False
+        self.template_pods: list[Any] = []
+        self.last_attempt: dict[str, Any] | None = None  # the ended attempt whose files remain
 
     def abandon(self, task: asyncio.Task[None]) -> None:
         """Stop for good (task deleted, or spec changed): the script is killed, not left running.
@@ -112,15 +177,23 @@ class TaskRunner:
             spec = PythonTaskSpec.model_validate(self.body.get("spec") or {})
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            await self._finish(st.Phase.FAILED, st.Reason.INVALID_SPEC, f"The spec is invalid: {problems}")
+            await self._patch_final(
+                st.Phase.FAILED, st.Reason.INVALID_SPEC, f"The spec is invalid: {problems}"
+            )
             return
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
-        try:
-            outcome, inputs = await self._attempt(spec)
-        except TaskFailure as failure:
-            await self._finish(st.Phase.FAILED, failure.reason, failure.message)
-            return
-        await self._record_outcome(spec, outcome, inputs)
+        prior = self._prior_status()
+        state = state_from_status(prior)
+        if state.started_at is None:
+            state = replace(state, started_at=time.time())
+        policy = spec.policy()
+        last: tuple[AttemptOutcome | None, ResolvedInputs | None] = (None, None)
+        while not state.terminal:
+            try:
+                state, last = await self._step(spec, policy, state, last)
+            except TaskFailure as failure:
+                state = machine.give_up(state, failure.reason, failure.message, time.time())
+        await self._finish(spec, state, *last)
 
     def _prior_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.body.get("status") or {}
@@ -130,23 +203,80 @@ class TaskRunner:
         )
         return status if same_run else {}
 
-    async def _attempt(self, spec: PythonTaskSpec) -> tuple[AttemptOutcome, ResolvedInputs]:
-        prior = self._prior_status()
-        recorded = prior.get("currentAttempt")
-        if recorded:
-            self.log.info("resuming recorded attempt", attempt=recorded["number"], pod=recorded["pod"])
-            pod = await self._recorded_pod(recorded)
-            container = recorded["container"]
-        else:
-            pod = await self._target_pod(spec)
+    def _total_deadline(self, policy: machine.Policy, state: machine.TaskState) -> float | None:
+        if policy.total is None or state.started_at is None:
+            return None
+        return state.started_at + policy.total
+
+    async def _step(
+        self,
+        spec: PythonTaskSpec,
+        policy: machine.Policy,
+        state: machine.TaskState,
+        last: tuple[AttemptOutcome | None, ResolvedInputs | None],
+    ) -> tuple[machine.TaskState, tuple[AttemptOutcome | None, ResolvedInputs | None]]:
+        deadline = self._total_deadline(policy, state)
+        if state.current is None:
+            if state.next_retry_at is not None:
+                wake = state.next_retry_at if deadline is None else min(state.next_retry_at, deadline)
+                await asyncio.sleep(max(0.0, wake - time.time()))
+            self._check_total(deadline)
+            wait = spec.timeouts.pod_ready_seconds
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.time()))
+            pod = await self._target_pod(spec, state, wait)
             container = pick_container(pod, spec.target.container)
-        inputs = await self.ctx.inputs.resolve(self.namespace, spec)
-        if not recorded:
-            recorded = await self._record_attempt(prior, pod, container)
-        self.current = recorded
+            inputs = await self.ctx.inputs.resolve(self.namespace, spec)
+            state = await self._record_attempt(state, pod, container)
+        else:
+            self.current = (self.body.get("status") or {}).get("currentAttempt") or self.current
+            assert self.current is not None
+            container = self.current["container"]
+            inputs = await self.ctx.inputs.resolve(self.namespace, spec)
+            pod = await self._recorded_pod(self.current)
+            self.log.info(
+                "following the recorded attempt", attempt=state.current.number, pod=self.current["pod"]
+            )
+        if pod is None:
+            outcome = AttemptOutcome(exec_wire.Tail(0), exec_wire.Tail(0), kind=machine.Kind.POD_LOST)
+            outcome.message = (
+                f"Pod {state.current.pod if state.current else ''} is gone; the attempt was lost with it."
+            )
+        else:
+            outcome = await self._attempt(
+                spec, state, pod=pod, container=container, inputs=inputs, deadline=deadline
+            )
+        return await self._conclude(spec, policy, state, pod, outcome), (outcome, inputs)
+
+    def _check_total(self, deadline: float | None) -> None:
+        if deadline is not None and time.time() >= deadline:
+            raise TaskFailure(
+                st.Reason.DEADLINE_EXCEEDED, "timeouts.total ran out before the script could run (again)."
+            )
+
+    async def _attempt(
+        self,
+        spec: PythonTaskSpec,
+        state: machine.TaskState,
+        *,
+        pod: Any,
+        container: str,
+        inputs: ResolvedInputs,
+        deadline: float | None,
+    ) -> AttemptOutcome:
+        assert state.current is not None
+        loop = asyncio.get_running_loop()
+        offset = loop.time() - time.time()  # wall-clock deadlines -> loop time
+        limits = Limits(
+            connect=spec.timeouts.connect_seconds,
+            idle=spec.timeouts.idle_seconds,
+            attempt_deadline=state.current.start + spec.timeouts.attempt_seconds + offset,
+            total_deadline=deadline + offset if deadline is not None else None,
+            reattach_window=max(30.0, 2 * spec.timeouts.connect_seconds),
+        )
         request = AttemptRequest(
             target=ExecTarget(self.namespace, pod.metadata.name, container),
-            attempt_dir=f"{task_dir(self.ctx.settings, self.body)}/{recorded['id']}",
+            attempt_dir=f"{task_dir(self.ctx.settings, self.body)}/{state.current.id}",
             python=list(spec.python),
             args=list(spec.args),
             working_dir=spec.working_dir,
@@ -154,143 +284,210 @@ class TaskRunner:
             tail_bytes=spec.output.tail_bytes,
         )
         self.log.info(
-            "attempt starting", attempt=recorded["number"], pod=pod.metadata.name, container=container
+            "attempt starting", attempt=state.current.number, pod=pod.metadata.name, container=container
         )
-        async with self.ctx.slots:
+        async with self.ctx.slots, self.ctx.monitor.watching(self.namespace, pod.metadata.uid) as lost:
             with self.ctx.pods.running_on(pod):
-                outcome = await run_attempt(self.ctx.api, request)
-        return outcome, inputs
+                outcome = await run_attempt(self.ctx.api, request, limits, lost)
+        if outcome.script_may_be_running and self.current is not None:
+            await self._kill(outcome)
+        if outcome.kind in (machine.Kind.HANG, machine.Kind.STREAM_BROKEN) and not await self._still_ready(
+            pod
+        ):
+            outcome.kind = machine.Kind.POD_NOT_READY
+            outcome.message += f" Pod {pod.metadata.name} is not Ready."
+        return outcome
+
+    async def _kill(self, outcome: AttemptOutcome) -> None:
+        assert self.current is not None
+        reply = await kill_attempt(self.ctx, self.body, self.current)
+        number = self.current["number"]
+        if not outcome.accepted and (reply is None or not reply.fields.get("wasRunning")):
+            return  # nothing had been started: nothing to report
+        if reply is not None and reply.fields.get("gone"):
+            how = "SIGKILL after SIGTERM" if reply.fields.get("forced") else "SIGTERM"
+            was = "" if reply.fields.get("wasRunning") else " (it had already ended)"
+            await self.ctx.events.normal(
+                self.body,
+                "ScriptKilled",
+                f"Attempt {number} ({outcome.kind}): process group ended by {how}{was}.",
+            )
+        else:
+            await self.ctx.events.warning(
+                self.body,
+                "KillFailed",
+                f"Attempt {number} ({outcome.kind}): could not confirm the script is gone.",
+            )
+
+    async def _still_ready(self, pod: Any) -> bool:
+        try:
+            fresh = await client.CoreV1Api(self.ctx.api).read_namespaced_pod(
+                pod.metadata.name, self.namespace
+            )
+        except ApiException as e:
+            if is_not_found(e):
+                return False
+            raise
+        return bool(fresh.metadata.uid == pod.metadata.uid and is_ready(fresh))
+
+    async def _conclude(
+        self,
+        spec: PythonTaskSpec,
+        policy: machine.Policy,
+        state: machine.TaskState,
+        pod: Any,
+        outcome: AttemptOutcome,
+    ) -> machine.TaskState:
+        assert state.current is not None
+        assert outcome.kind is not None
+        facts = pod_facts(pod, spec.target) if pod is not None else machine.PodFacts("", restartable=True)
+        number = state.current.number
+        state, decision = machine.end(
+            state, state.current.id, outcome.to_machine(), pod=facts, policy=policy, now=time.time()
+        )
+        assert decision is not None
+        self.last_attempt, self.current = self.current, None
+        self.log.info("attempt ended", attempt=number, kind=str(outcome.kind), action=str(decision.action))
+        if decision.action is machine.Action.RESTART_POD:
+            await self._restart_pod(pod, spec)
+            state = machine.pod_restarted(state)
+        if not state.terminal:
+            await self.ctx.events.warning(self.body, decision.reason, decision.message)
+            await self._patch(
+                st.Phase.RETRYING,
+                decision.reason,
+                decision.message,
+                attempts=state.attempts,
+                history=history_status(state),
+                nextRetryTime=st.iso(state.next_retry_at) if state.next_retry_at else None,
+                exitCode=outcome.exit_code,
+                currentAttempt=None,
+            )
+            self._forget_last_attempt()
+        return state
+
+    def _forget_last_attempt(self) -> None:
+        """Its outcome is in status now: its files in the container can go (in the background)."""
+        if self.last_attempt is not None:
+            task = asyncio.get_running_loop().create_task(
+                forget_attempt(self.ctx, self.body, self.last_attempt)
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            self.last_attempt = None
+
+    async def _restart_pod(self, pod: Any, spec: PythonTaskSpec) -> None:
+        owner = next((o for o in pod.metadata.owner_references or [] if o.controller), None)
+        by = f"{owner.kind} {owner.name}" if owner else "this task"
+        await self.ctx.events.warning(
+            self.body,
+            "RestartingPod",
+            f"Deleting pod {pod.metadata.name}; {by} will replace it, then the task retries.",
+        )
+        await self.ctx.pods.delete(pod)
 
     async def _recorded_pod(self, recorded: dict[str, Any]) -> Any:
-        core = client.CoreV1Api(self.ctx.api)
         try:
-            pod = await core.read_namespaced_pod(recorded["pod"], self.namespace)
+            pod = await client.CoreV1Api(self.ctx.api).read_namespaced_pod(recorded["pod"], self.namespace)
         except ApiException as e:
             if not is_not_found(e):
                 raise
-            pod = None
-        if pod is None or pod.metadata.uid != recorded.get("podUID", pod.metadata.uid):
-            raise TaskFailure(
-                st.Reason.POD_LOST,
-                f"Pod {recorded['pod']} is gone; attempt {recorded['number']} was lost with it.",
-            )
+            return None
+        if pod.metadata.uid != recorded.get("podUID", pod.metadata.uid) or pod.metadata.deletion_timestamp:
+            return None
         return pod
 
-    async def _target_pod(self, spec: PythonTaskSpec) -> Any:
-        timeout = spec.timeouts.pod_ready_seconds
+    async def _target_pod(self, spec: PythonTaskSpec, state: machine.TaskState, wait: float) -> Any:
         pods = self.ctx.pods
         if spec.target.template is not None:
             pod = await pods.ensure_template_pod(self.body, spec)
+            self.template_pods.append(pod)
             if is_ready(pod):
                 return pod
-            await self._pending(f"Waiting for pod {pod.metadata.name} (created from template) to be Ready.")
-            return await pods.wait_ready(self.namespace, spec.target, timeout, pod_name=pod.metadata.name)
+            await self._pending(
+                f"Waiting for pod {pod.metadata.name} (created from template) to be Ready.", state
+            )
+            return await pods.wait_ready(self.namespace, spec.target, wait, pod_name=pod.metadata.name)
         try:
             return await pods.wait_ready(self.namespace, spec.target, 0)
         except TaskFailure:
             pass
         what = spec.target.pod_name or (spec.target.selector.to_query() if spec.target.selector else "")
-        await self._pending(f"Waiting up to {spec.timeouts.pod_ready} for a Ready pod ({what}).")
-        return await pods.wait_ready(self.namespace, spec.target, timeout)
+        await self._pending(f"Waiting up to {wait:g}s for a Ready pod ({what}).", state)
+        return await pods.wait_ready(self.namespace, spec.target, wait)
 
-    async def _pending(self, message: str) -> None:
-        await self._patch(
-            st.phase_patch(
-                st.Phase.PENDING,
-                st.Reason.WAITING_FOR_POD,
-                message,
-                generation=self.generation,
-                rerun_token=self.token,
-                previous=self.body.get("status") or {},
-            )
+    async def _pending(self, message: str, state: machine.TaskState) -> None:
+        phase = st.Phase.RETRYING if state.attempts else st.Phase.PENDING
+        reason = state.reason if state.attempts else st.Reason.WAITING_FOR_POD
+        await self._patch(phase, reason, message, startTime=st.iso(state.started_at or time.time()))
+
+    async def _record_attempt(self, state: machine.TaskState, pod: Any, container: str) -> machine.TaskState:
+        now = time.time()
+        number = state.attempts + 1
+        record = machine.AttemptRecord(
+            number, f"g{self.generation}-a{number}-{secrets.token_hex(4)}", pod.metadata.name, now
         )
-
-    async def _record_attempt(self, prior: dict[str, Any], pod: Any, container: str) -> dict[str, Any]:
-        number = int(prior.get("attempts") or 0) + 1
-        at = st.now()
-        recorded = {
+        state = machine.begin(state, record)
+        self.current = {
             "number": number,
-            "id": f"g{self.generation}-a{number}-{secrets.token_hex(4)}",
+            "id": record.id,
             "pod": pod.metadata.name,
             "podUID": pod.metadata.uid,
             "container": container,
-            "startTime": at,
+            "startTime": st.iso(now),
         }
-        message = f"Attempt {number} is running in pod {pod.metadata.name}, container {container}."
         await self._patch(
-            st.phase_patch(
-                st.Phase.RUNNING,
-                st.Reason.RUNNING,
-                message,
-                generation=self.generation,
-                rerun_token=self.token,
-                previous=self.body.get("status") or {},
-                at=at,
-                attempts=number,
-                pod=pod.metadata.name,
-                container=container,
-                startTime=prior.get("startTime") or at,
-                completionTime=None,
-                exitCode=None,
-                output=None,
-                currentAttempt=recorded,
-            )
+            st.Phase.RUNNING,
+            st.Reason.RUNNING,
+            f"Attempt {number} is running in pod {pod.metadata.name}, container {container}.",
+            attempts=number,
+            pod=pod.metadata.name,
+            container=container,
+            startTime=st.iso(state.started_at or now),
+            completionTime=None,
+            nextRetryTime=None,
+            exitCode=None,
+            output=None,
+            resources=None,
+            currentAttempt=self.current,
         )
-        return recorded
+        if os.environ.get(CRASH_AFTER_RECORD):
+            os._exit(137)
+        return state
 
-    async def _record_outcome(
-        self, spec: PythonTaskSpec, outcome: AttemptOutcome, inputs: ResolvedInputs
+    async def _finish(
+        self,
+        spec: PythonTaskSpec,
+        state: machine.TaskState,
+        outcome: AttemptOutcome | None,
+        inputs: ResolvedInputs | None,
     ) -> None:
-        output = {
-            "stdout": inputs.mask(outcome.stdout.text()),
-            "stderr": inputs.mask(outcome.stderr.text()),
-            "stdoutBytes": outcome.stdout_bytes,
-            "stderrBytes": outcome.stderr_bytes,
-            "truncated": outcome.stdout_bytes > len(outcome.stdout.data())
-            or outcome.stderr_bytes > len(outcome.stderr.data()),
+        fields: dict[str, Any] = {
+            "attempts": state.attempts,
+            "history": history_status(state),
+            "exitCode": state.exit_code,
+            "nextRetryTime": None,
         }
-        if outcome.exit_code is not None:
-            verdict = st.verdict_for_exit(outcome.exit_code, outcome.signal)
-        else:
-            verdict = st.Verdict(st.Phase.FAILED, outcome.reason or st.Reason.RESULT_UNKNOWN, outcome.message)
-        await self._finish(
-            verdict.phase,
-            verdict.reason,
-            inputs.mask(verdict.message),
-            exitCode=outcome.exit_code,
-            output=output,
-        )
-        current = self.current
-        self.current = None
-        if current is not None:
-            asyncio.get_running_loop().create_task(forget_attempts(self.ctx, self.body, current))
+        if outcome is not None and inputs is not None:
+            fields["output"] = {
+                "stdout": inputs.mask(outcome.stdout.text()),
+                "stderr": inputs.mask(outcome.stderr.text()),
+                "stdoutBytes": outcome.stdout_bytes,
+                "stderrBytes": outcome.stderr_bytes,
+                "truncated": outcome.stdout_bytes > len(outcome.stdout.data())
+                or outcome.stderr_bytes > len(outcome.stderr.data()),
+            }
+            if outcome.resources:
+                fields["resources"] = outcome.resources
+        message = inputs.mask(state.message) if inputs else state.message
+        await self._patch_final(state.phase, state.reason, message, **fields)
+        self._forget_last_attempt()
         if spec.target.template is not None and not spec.target.keep_pod:
-            await self._delete_template_pod(current)
+            for pod in self.template_pods:
+                await self.ctx.pods.delete(pod)
 
-    async def _delete_template_pod(self, current: dict[str, Any] | None) -> None:
-        if current is None:
-            return
-        core = client.CoreV1Api(self.ctx.api)
-        try:
-            pod = await core.read_namespaced_pod(current["pod"], self.namespace)
-        except ApiException as e:
-            if is_not_found(e):
-                return
-            raise
-        await self.ctx.pods.delete(pod)
-
-    async def _finish(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
-        await self._patch(
-            st.phase_patch(
-                phase,
-                reason,
-                message,
-                generation=self.generation,
-                rerun_token=self.token,
-                previous=self.body.get("status") or {},
-                **fields,
-            )
-        )
+    async def _patch_final(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
+        await self._patch(phase, reason, message, **fields)
         self.log.info("task finished", phase=str(phase), reason=str(reason), exit_code=fields.get("exitCode"))
         if phase is st.Phase.SUCCEEDED:
             await self.ctx.events.normal(self.body, str(reason), message)
@@ -298,8 +495,17 @@ class TaskRunner:
             await self.ctx.events.warning(self.body, str(reason), message)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
 
-    async def _patch(self, status_patch: dict[str, Any]) -> None:
-        self.body = await self.ctx.tasks.patch_status(self.namespace, self.name, status_patch)
+    async def _patch(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
+        patch = st.phase_patch(
+            phase,
+            reason,
+            message,
+            generation=self.generation,
+            rerun_token=self.token,
+            previous=self.body.get("status") or {},
+            **fields,
+        )
+        self.body = await self.ctx.tasks.patch_status(self.namespace, self.name, patch)
 
 
 async def _agent_call(
@@ -319,7 +525,7 @@ async def _agent_call(
     return last
 
 
-async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, Any]) -> None:
+async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, Any]) -> Message | None:
     """SIGTERM, then SIGKILL, to the attempt's whole process group, through a separate exec."""
     request = {
         "op": "kill",
@@ -331,14 +537,15 @@ async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, An
         reply = await _agent_call(ctx, body, current["pod"], current["container"], request)
     except (ExecError, OSError) as e:
         bound.warning("could not kill the attempt", attempt=current.get("number"), error=str(e))
-        return
+        return None
     bound.info("attempt killed", attempt=current.get("number"), **reply.fields)
+    return reply
 
 
-async def forget_attempts(ctx: Context, body: dict[str, Any], current: dict[str, Any]) -> None:
-    """Best effort: remove the task's attempt directories in the container once the result is recorded."""
-    request = {"op": "forget", "dir": task_dir(ctx.settings, body), "keep": ""}
+async def forget_attempt(ctx: Context, body: dict[str, Any], attempt: dict[str, Any]) -> None:
+    """Best effort: remove an attempt's directory in the container once its outcome is recorded."""
+    request = {"op": "forget", "dir": f"{task_dir(ctx.settings, body)}/{attempt['id']}"}
     try:
-        await _agent_call(ctx, body, current["pod"], current["container"], request)
+        await _agent_call(ctx, body, attempt["pod"], attempt["container"], request)
     except (ExecError, OSError) as e:
         log.debug("attempt files not removed", error=str(e))

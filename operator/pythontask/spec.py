@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from . import durations
+from . import durations, machine
 
 GROUP = "pythontask.dev"
 VERSION = "v1alpha1"
@@ -105,18 +105,66 @@ class EnvVar(Model):
     value_from: EnvVarSource | None = None
 
 
+def _duration_seconds(value: str | None) -> float | None:
+    return None if value is None else durations.parse(value)
+
+
 class Timeouts(Model):
     pod_ready: str = "5m"
+    connect: str = "30s"  # from opening the exec until the agent reports the script started
+    idle: str | None = None  # no output for this long is a hang; off unless set
+    attempt: str = "1h"
+    total: str | None = None  # the whole task, retries and waits included
 
-    @field_validator("pod_ready")
+    @field_validator("pod_ready", "connect", "idle", "attempt", "total")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        durations.parse(value)
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            durations.parse(value)
         return value
 
     @property
     def pod_ready_seconds(self) -> float:
         return durations.parse(self.pod_ready)
+
+    @property
+    def connect_seconds(self) -> float:
+        return durations.parse(self.connect)
+
+    @property
+    def idle_seconds(self) -> float | None:
+        return _duration_seconds(self.idle)
+
+    @property
+    def attempt_seconds(self) -> float:
+        return durations.parse(self.attempt)
+
+    @property
+    def total_seconds(self) -> float | None:
+        return _duration_seconds(self.total)
+
+
+class Backoff(Model):
+    initial: str = "10s"
+    factor: float = Field(default=2.0, ge=1.0, le=10.0)
+    max: str = "5m"
+
+    @field_validator("initial", "max")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        durations.parse(value)
+        return value
+
+
+class ExitCodes(Model):
+    operator: Literal["In", "NotIn"]
+    values: list[int] = Field(default_factory=list)
+
+
+class Retry(Model):
+    limit: int = Field(default=2, ge=0, le=100)
+    backoff: Backoff = Field(default_factory=Backoff)
+    on_exit_codes: ExitCodes | None = None
 
 
 class OutputSpec(Model):
@@ -131,4 +179,19 @@ class PythonTaskSpec(Model):
     python: list[str] = Field(default_factory=lambda: ["python3"], min_length=1)
     working_dir: str | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    retry: Retry = Field(default_factory=Retry)
+    on_hang: Literal["Retry", "RestartPod", "Fail"] | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    def policy(self) -> machine.Policy:
+        codes = self.retry.on_exit_codes
+        return machine.Policy(
+            retry_limit=self.retry.limit,
+            backoff_initial=durations.parse(self.retry.backoff.initial),
+            backoff_factor=self.retry.backoff.factor,
+            backoff_max=durations.parse(self.retry.backoff.max),
+            retry_exit_codes_in=codes is not None and codes.operator == "In",
+            retry_exit_codes=frozenset(codes.values) if codes else frozenset(),
+            on_hang=machine.OnHang(self.on_hang) if self.on_hang else None,
+            total=self.timeouts.total_seconds,
+        )

@@ -104,6 +104,7 @@ async def test_a_secret_env_value_appears_nowhere_in_status_or_events(
         "target": {"podName": "worker"},
         "script": {"inline": script},
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+        "retry": {"limit": 0},
     }
     status = await tasks.run("secret", spec)
     assert status["phase"] == "Failed"

@@ -93,7 +93,10 @@ async def test_non_zero_exit_fails_with_the_code_and_separate_streams(
 ) -> None:
     await ready_pod(core, tasks.namespace)
     script = "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\nsys.exit(3)\n"
-    status = await tasks.run("exit3", {"target": {"podName": "worker"}, "script": {"inline": script}})
+    no_retry = {"limit": 0}
+    status = await tasks.run(
+        "exit3", {"target": {"podName": "worker"}, "script": {"inline": script}, "retry": no_retry}
+    )
     assert status["phase"] == "Failed"
     assert status["reason"] == "NonZeroExitCode"
     assert status["exitCode"] == 3
@@ -109,7 +112,9 @@ async def test_non_zero_exit_fails_with_the_code_and_separate_streams(
 async def test_a_traceback_lands_in_stderr(core: client.CoreV1Api, tasks: TaskClient) -> None:
     await ready_pod(core, tasks.namespace)
     script = "def f():\n    raise ValueError('bad batch 7')\nprint('before')\nf()\n"
-    status = await tasks.run("boom", {"target": {"podName": "worker"}, "script": {"inline": script}})
+    status = await tasks.run(
+        "boom", {"target": {"podName": "worker"}, "script": {"inline": script}, "retry": {"limit": 0}}
+    )
     assert (status["phase"], status["exitCode"]) == ("Failed", 1)
     assert status["output"]["stdout"] == "before\n"
     stderr = status["output"]["stderr"]

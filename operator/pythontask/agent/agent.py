@@ -6,7 +6,8 @@
 # Our own stderr is only for the agent's crashes.
 #
 # Request (second length-prefixed blob on stdin, after this source): JSON
-#   {"op": "run" | "follow" | "kill" | "forget", "dir": ..., ...}; for "run" a third blob is the script.
+#   {"op": "run" | "follow" | "kill" | "forget", "dir": attempt dir, ...};
+#   for "run" a third blob is the script.
 #
 # Layout of an attempt directory:
 #   script.py        the user's script
@@ -19,6 +20,7 @@ import contextlib
 import ctypes
 import json
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -109,17 +111,38 @@ def write_atomic(path: str, data: str) -> None:
     os.rename(tmp, path)
 
 
+def read_first_int(*paths: str) -> int | None:
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:
+            return int(f.read().split()[0])
+    return None
+
+
+def read_keyed(*paths: str) -> dict[str, int]:
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            return {k: int(v) for k, v in (line.split()[:2] for line in f if len(line.split()) >= 2)}
+    return {}
+
+
 def cgroup_counters() -> dict[str, int]:
-    """cgroup v2 counters of this container, where readable."""
+    """The container's cgroup counters (v2, else v1), where readable."""
     counters: dict[str, int] = {}
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/sys/fs/cgroup/memory.peak") as f:
-        counters["memoryPeakBytes"] = int(f.read().split()[0])
-    for name in ("memory.events", "cpu.stat"):
-        with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/" + name) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key in ("oom_kill", "nr_throttled", "throttled_usec"):
-                    counters[key] = int(value)
+    peak = read_first_int("/sys/fs/cgroup/memory.peak", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+    if peak is not None:
+        counters["memoryPeakBytes"] = peak
+    events = read_keyed("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+    if "oom_kill" in events:
+        counters["oomKills"] = events["oom_kill"]
+    cpu = read_keyed(
+        "/sys/fs/cgroup/cpu.stat", "/sys/fs/cgroup/cpu/cpu.stat", "/sys/fs/cgroup/cpu,cpuacct/cpu.stat"
+    )
+    if "nr_throttled" in cpu:
+        counters["throttledPeriods"] = cpu["nr_throttled"]
+    if "throttled_usec" in cpu:
+        counters["throttledMicros"] = cpu["throttled_usec"]
+    elif "throttled_time" in cpu:  # v1: nanoseconds
+        counters["throttledMicros"] = cpu["throttled_time"] // 1000
     return counters
 
 
@@ -213,9 +236,17 @@ def supervise(d: str, argv: list[str], env: dict[str, str], cwd: str | None) -> 
     else:
         result["exitCode"] = os.WEXITSTATUS(status)
     after = cgroup_counters()
-    if after:
-        result["resources"] = after
-        result["oomKillsDuring"] = after.get("oom_kill", 0) - before.get("oom_kill", 0)
+    # ru_maxrss of reaped descendants, in KiB on Linux: the script's own peak, whatever the cgroup says.
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    resources: dict[str, float] = {"scriptPeakRSSBytes": peak_rss}
+    if "memoryPeakBytes" in after:
+        resources["containerMemoryPeakBytes"] = after["memoryPeakBytes"]
+    for key, name in (("oomKills", "oomKills"), ("throttledPeriods", "cpuThrottledPeriods")):
+        if key in after:
+            resources[name] = after[key] - before.get(key, 0)
+    if "throttledMicros" in after:
+        resources["cpuThrottledSeconds"] = (after["throttledMicros"] - before.get("throttledMicros", 0)) / 1e6
+    result["resources"] = resources
     write_atomic(os.path.join(d, "result.json"), json.dumps(result))
 
 
@@ -271,6 +302,7 @@ def follow(d: str, from_start: bool, tail: int) -> int:
     opened: list[BinaryIO | None] = [None, None]
     result = None
     last_beat = time.time()
+    caught_up = False
     with contextlib.ExitStack() as files:
         while True:
             # Read the result before draining: output written before it was recorded is not missed.
@@ -289,6 +321,10 @@ def follow(d: str, from_start: bool, tail: int) -> int:
                     moved = True
                     send(kind, data)
                     data = f.read(CHUNK)
+            if not caught_up:
+                # What was already on disk has been sent (on a reattach: the replayed tail).
+                message(type="caughtUp")
+                caught_up = True
             if result is not None:
                 break
             supervisor_dead = pids and not alive(pids["supervisor"], pids["supervisorStart"])
@@ -332,17 +368,12 @@ def kill(d: str, grace: float) -> int:
     return 0
 
 
-def forget(d: str, keep: str) -> int:
-    """Removes a task's attempt directories other than `keep` (their results are recorded)."""
-    removed = []
-    if os.path.isdir(d):
-        for name in os.listdir(d):
-            if name != keep:
-                shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-                removed.append(name)
-        if not keep:
-            shutil.rmtree(d, ignore_errors=True)
-    message(type="forgotten", removed=removed)
+def forget(d: str) -> int:
+    """Removes one attempt directory once its result is recorded (never a whole task: a rerun's fresh
+    attempt may already be starting beside it)."""
+    existed = os.path.isdir(d)
+    shutil.rmtree(d, ignore_errors=True)
+    message(type="forgotten", existed=existed)
     return 0
 
 
@@ -367,7 +398,7 @@ def main() -> int:
     if op == "kill":
         return kill(d, float(req.get("grace", 5)))
     if op == "forget":
-        return forget(d, req.get("keep", ""))
+        return forget(d)
     message(type="error", message=f"unknown op {op!r}")
     return AGENT_FAILURE
 
