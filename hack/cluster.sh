@@ -5,6 +5,7 @@
 #   hack/cluster.sh up       start (or reuse) the cluster; writes .local/kubeconfig
 #   hack/cluster.sh down     stop it and verify that no component process is left
 #   hack/cluster.sh status   print whether it is up
+#   hack/cluster.sh restart-apiserver   stop kube-apiserver (SIGTERM, SIGKILL after 10s) and start it again
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -156,9 +157,26 @@ status() {
   if api_ready; then echo "up"; else echo "down"; return 1; fi
 }
 
+restart_apiserver() {
+  BIN=$(bin_dir)
+  local pid_file=$CLUSTER_DIR/pids/kube-apiserver.pid pid
+  pid=$(cat "$pid_file")
+  kill -TERM "$pid"
+  # It waits 60s for hijacked connections (watches, exec streams) before exiting; do not wait that long.
+  local deadline=$((SECONDS + 10))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then kill -KILL "$pid" 2>/dev/null || true; fi
+    sleep 0.1
+  done
+  kwokctl start cluster --timeout 2m >&2  # starts only what is not running
+  wait_for 120 "apiserver /readyz" api_ready
+  log "kube-apiserver restarted (was pid $pid, now $(cat "$pid_file"))"
+}
+
 case ${1:-} in
   up) up ;;
+  restart-apiserver) restart_apiserver ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|restart-apiserver" >&2; exit 2 ;;
 esac

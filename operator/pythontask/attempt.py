@@ -90,6 +90,7 @@ class AttemptRequest:
     working_dir: str | None
     inputs: ResolvedInputs
     tail_bytes: int
+    context_env: dict[str, str] = field(default_factory=dict)  # PYTHONTASK_*: who and which attempt
 
     def agent_request(self, op: str) -> dict[str, Any]:
         request: dict[str, Any] = {"op": op, "dir": self.attempt_dir, "tail": self.tail_bytes}
@@ -97,7 +98,7 @@ class AttemptRequest:
             request.update(
                 python=self.python,
                 args=self.args,
-                env=self.inputs.env,
+                env={**self.inputs.env, **self.context_env},
                 workingDir=self.working_dir,
                 scriptPath=self.inputs.script_path,
             )

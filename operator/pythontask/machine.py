@@ -170,7 +170,10 @@ def give_up(state: TaskState, reason: str, message: str, now: float) -> TaskStat
     """Ends the task without an attempt outcome (e.g. `timeouts.total` ran out while waiting)."""
     if state.terminal:
         return state
-    return _final(replace(state, current=None, next_retry_at=None), Phase.FAILED, reason, message, None)
+    # The last attempt's exit code (if any) stays: it is still what the script last did.
+    return _final(
+        replace(state, current=None, next_retry_at=None), Phase.FAILED, reason, message, state.exit_code
+    )
 
 
 def _final(state: TaskState, phase: Phase, reason: str, message: str, exit_code: int | None) -> TaskState:

@@ -282,6 +282,11 @@ class TaskRunner:
             working_dir=spec.working_dir,
             inputs=inputs,
             tail_bytes=spec.output.tail_bytes,
+            context_env={
+                "PYTHONTASK_TASK": self.name,
+                "PYTHONTASK_NAMESPACE": self.namespace,
+                "PYTHONTASK_ATTEMPT": str(state.current.number),
+            },
         )
         self.log.info(
             "attempt starting", attempt=state.current.number, pod=pod.metadata.name, container=container
