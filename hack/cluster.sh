@@ -14,6 +14,7 @@ NAME=${PYTHONTASK_CLUSTER_NAME:-pythontask}
 NODES=${PYTHONTASK_CLUSTER_NODES:-3}
 export KWOK_WORKDIR=$LOCAL/kwok
 CLUSTER_DIR=$KWOK_WORKDIR/clusters/$NAME
+RENDERED=$LOCAL/kwokctl-$NAME.yaml
 KUBECONFIG_OUT=${PYTHONTASK_KUBECONFIG_OUT:-$LOCAL/kubeconfig}
 log() { echo "[cluster] $*" >&2; }
 
@@ -28,7 +29,7 @@ render_config() {
   local python_dir
   python_dir=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
   mkdir -p "$LOCAL/pod-root"
-  cat >"$LOCAL/kwokctl.yaml" <<EOF
+  cat >"$RENDERED" <<EOF
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokctlConfiguration
 options:
@@ -53,6 +54,13 @@ componentsPatches:
 - name: kwok-controller
   extraArgs:
   - {key: node-ip, value: 127.0.0.1}
+# One instance each: leader election only makes them exit when the apiserver is briefly away.
+- name: kube-scheduler
+  extraArgs:
+  - {key: leader-elect, value: "false"}
+- name: kube-controller-manager
+  extraArgs:
+  - {key: leader-elect, value: "false"}
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: ClusterExec
@@ -69,7 +77,14 @@ spec:
         value: $LOCAL/pod-root
 ---
 EOF
-  cat "$ROOT/hack/kwok/stages.yaml" >>"$LOCAL/kwokctl.yaml"
+  cat "$ROOT/hack/kwok/stages.yaml" >>"$RENDERED"
+}
+
+all_running() {
+  local f
+  for f in "$CLUSTER_DIR"/pids/*.pid; do
+    kill -0 "$(cat "$f")" 2>/dev/null || return 1
+  done
 }
 
 api_ready() { [[ -f $KUBECONFIG_OUT ]] && kubectl get --raw /readyz >/dev/null 2>&1; }
@@ -108,9 +123,15 @@ EOF
 up() {
   BIN=$(bin_dir)
   mkdir -p "$LOCAL"
+  render_config
+  if [[ -d $CLUSTER_DIR ]] && ! cmp -s "$RENDERED" "$CLUSTER_DIR/pythontask-config.yaml"; then
+    log "cluster $NAME was made from another configuration; recreating it"
+    kwokctl delete cluster >&2 || true
+    rm -rf "$CLUSTER_DIR"
+  fi
   if [[ -d $CLUSTER_DIR ]]; then
-    if ! api_ready; then
-      log "starting existing cluster $NAME"
+    if ! api_ready || ! all_running; then
+      log "starting the stopped components of cluster $NAME"
       kwokctl start cluster --timeout 2m >&2 || {
         log "cluster $NAME does not start; recreating it"
         kwokctl delete cluster >&2 || true
@@ -119,9 +140,9 @@ up() {
     fi
   fi
   if [[ ! -d $CLUSTER_DIR ]]; then
-    render_config
     log "creating cluster $NAME (binary runtime, binaries from $BIN)"
-    kwokctl create cluster --config "$LOCAL/kwokctl.yaml" --runtime binary --wait 3m >&2
+    kwokctl create cluster --config "$RENDERED" --runtime binary --wait 3m >&2
+    cp "$RENDERED" "$CLUSTER_DIR/pythontask-config.yaml"
   fi
   cp "$CLUSTER_DIR/kubeconfig.yaml" "$KUBECONFIG_OUT"
   wait_for 120 "apiserver /readyz" api_ready

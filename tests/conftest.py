@@ -10,6 +10,7 @@ from kubernetes_asyncio import client, config
 from support import cluster as local_cluster
 from support.operator import OperatorProcess
 from support.tasks import TaskClient
+from support.waiting import eventually
 
 CLUSTER_TESTS = Path(__file__).parent / "cluster"
 
@@ -52,6 +53,13 @@ async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> A
     name = f"{base[:40].strip('-[]')}-{uuid.uuid4().hex[:6]}"
     name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
     await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
+
+    async def default_service_account() -> bool:
+        # Pods are refused until the controller-manager has created it (slower after an apiserver restart).
+        accounts = await core.list_namespaced_service_account(name, field_selector="metadata.name=default")
+        return bool(accounts.items)
+
+    await eventually(default_service_account, within=60, what=f"the default ServiceAccount in {name}")
     yield name
     await core.delete_namespace(name, grace_period_seconds=0)
 
@@ -74,3 +82,11 @@ def operator(cluster: local_cluster.Cluster, crds: None) -> Iterator[OperatorPro
 @pytest.fixture
 def tasks(api: client.ApiClient, namespace: str, operator: OperatorProcess) -> TaskClient:
     return TaskClient(api, namespace)
+
+
+@pytest.fixture
+def restartable_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
+    """The session operator, for a test that kills or restarts it; running again afterwards."""
+    yield operator
+    if not operator.running:
+        operator.start()

@@ -32,10 +32,19 @@ class OperatorProcess:
     def log_path(self) -> Path:
         return self.log_dir / f"operator-{self.starts}.log"
 
-    def start(self) -> None:
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_exit(self, within: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=within)
+
+    def start(self, **extra_env: str) -> None:
+        """Starts the operator and waits until it is live; `extra_env` applies to this start only."""
         self.starts += 1
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.extra_env}
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.extra_env, **extra_env}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
