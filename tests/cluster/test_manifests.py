@@ -10,7 +10,9 @@ SA = "system:serviceaccount:pythontask-system:pythontask-operator"
 
 
 def test_operator_manifests_pass_a_server_side_dry_run(cluster: Cluster, crds: None) -> None:
-    out = cluster.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests")).stdout
+    # A dry run creates nothing, so the namespace the rest lives in must exist for real.
+    cluster.kubectl("apply", "-f", str(ROOT / "manifests/namespace.yaml"))
+    out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(ROOT / "manifests")).stdout
     for kind in (
         "namespace/pythontask-system",
         "serviceaccount/pythontask-operator",
