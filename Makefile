@@ -54,5 +54,10 @@ unit: venv
 test: lint binaries
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks on the local cluster: a Markdown table on stdout, JSON in bench/results/. QUICK=1: small sizes.
+bench: venv binaries
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
 clean: cluster-down
 	rm -rf .local $(VENV)

@@ -39,7 +39,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
-    memo["registry"] = Registry(Context.create(await make_api_client(), settings_from_env()))
+    operator_settings = settings_from_env()
+    # Every attempt in flight holds an exec connection; leave room for watches and status writes.
+    api = await make_api_client(connections=operator_settings.max_attempts_in_flight + 128)
+    memo["registry"] = Registry(Context.create(api, operator_settings))
 
 
 @kopf.on.cleanup()

@@ -14,14 +14,16 @@ from .spec import GROUP, PLURAL, VERSION
 MERGE_PATCH = "application/merge-patch+json"
 
 
-async def make_api_client() -> client.ApiClient:
-    """In a pod: its service account. Elsewhere: KUBECONFIG or ~/.kube/config."""
+async def make_api_client(connections: int = 256) -> client.ApiClient:
+    """In a pod: its service account. Elsewhere: KUBECONFIG or ~/.kube/config.
+
+    `connections` bounds the connection pool; every exec in flight holds one for its whole attempt."""
     configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         await config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = 256
+    configuration.connection_pool_maxsize = connections
     return client.ApiClient(configuration)
 
 

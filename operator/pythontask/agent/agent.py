@@ -32,6 +32,10 @@ OUT = sys.stdout.buffer
 IN = sys.stdin.buffer
 CHUNK = 64 * 1024
 HEARTBEAT_SECONDS = 5.0
+# Poll fast while output flows, back off while it does not: a thousand quiet scripts must not
+# cost a thousand busy pollers.
+POLL_MIN_SECONDS = 0.005
+POLL_MAX_SECONDS = 0.2
 START_TIMEOUT_SECONDS = 30.0
 AGENT_FAILURE = 125
 PR_SET_CHILD_SUBREAPER = 36
@@ -303,6 +307,7 @@ def follow(d: str, from_start: bool, tail: int) -> int:
     result = None
     last_beat = time.time()
     caught_up = False
+    poll = POLL_MIN_SECONDS
     with contextlib.ExitStack() as files:
         while True:
             # Read the result before draining: output written before it was recorded is not missed.
@@ -336,8 +341,11 @@ def follow(d: str, from_start: bool, tail: int) -> int:
             if now - last_beat >= HEARTBEAT_SECONDS:
                 message(type="heartbeat")
                 last_beat = now
-            if not moved:
-                time.sleep(0.01)
+            if moved:
+                poll = POLL_MIN_SECONDS
+            else:
+                time.sleep(poll)
+                poll = min(POLL_MAX_SECONDS, poll * 1.5)
     totals = {
         name: os.path.getsize(path) if os.path.exists(path) else 0
         for (path, _), name in zip(streams, ("stdout", "stderr"))
