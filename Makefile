@@ -38,14 +38,14 @@ run: venv
 	  exec $(PY) -m pythontask --all-namespaces
 
 lint: venv
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
 fmt: venv
-	$(VENV)/bin/ruff format operator tests
-	$(VENV)/bin/ruff check --fix operator tests
+	$(VENV)/bin/ruff format operator tests bench
+	$(VENV)/bin/ruff check --fix operator tests bench
 
 unit: venv
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -56,8 +56,8 @@ def own_client(api: aclient.ApiClient, target: ExecTarget) -> ExecFn:
 
 
 def kubernetes_sync_stream(kubeconfig: Path, target: ExecTarget) -> ExecFn:
-    from kubernetes import client, config  # the official synchronous client
-    from kubernetes.stream import stream
+    from kubernetes import client, config  # noqa: PLC0415  (optional: the official sync client)
+    from kubernetes.stream import stream  # noqa: PLC0415
 
     api_client = config.new_client_from_config(str(kubeconfig))
     core = client.CoreV1Api(api_client)
@@ -90,7 +90,7 @@ def kubernetes_sync_stream(kubeconfig: Path, target: ExecTarget) -> ExecFn:
 
 
 def kubernetes_asyncio_ws(configuration: aclient.Configuration, target: ExecTarget) -> ExecFn:
-    from kubernetes_asyncio.stream import WsApiClient
+    from kubernetes_asyncio.stream import WsApiClient  # noqa: PLC0415
 
     async def run(command: list[str]) -> int:
         async with WsApiClient(configuration=configuration) as ws:
@@ -111,10 +111,9 @@ def kubernetes_asyncio_ws(configuration: aclient.Configuration, target: ExecTarg
 
 async def kubex_exec(kubeconfig: Path, target: ExecTarget) -> ExecFn:
     """kubex (if it installs and imports): its experimental exec.run."""
-    from kubex.api import Api
-    from kubex.client import create_client
-    from kubex.configuration import ClientConfiguration  # noqa: F401  (import check)
-    from kubex.k8s.v1_32.core.v1.pod import Pod
+    from kubex.api import Api  # noqa: PLC0415  (optional: reported when it does not import)
+    from kubex.client import create_client  # noqa: PLC0415
+    from kubex.k8s.v1_32.core.v1.pod import Pod  # noqa: PLC0415
 
     kubex_client = await create_client()
     api: Any = Api(Pod, client=kubex_client, namespace=target.namespace)

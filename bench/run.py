@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 from kubernetes_asyncio import client, config, watch  # noqa: E402
-from support import cluster as local_cluster  # noqa: E402
-from support.objects import deployment_manifest, pod_manifest, ready_pods  # noqa: E402
-from support.operator import OperatorProcess  # noqa: E402
 
 import exec_clients  # noqa: E402
 from pythontask.exec_client import ExecTarget  # noqa: E402
 from pythontask.spec import GROUP, PLURAL, VERSION  # noqa: E402
+from support import cluster as local_cluster  # noqa: E402
+from support.objects import deployment_manifest, pod_manifest, ready_pods  # noqa: E402
+from support.operator import OperatorProcess  # noqa: E402
 
 NS = "pythontask-bench"
 MIB = 1024 * 1024
@@ -52,7 +52,7 @@ WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY", "CREATE", "UPDATE"}
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -85,7 +85,7 @@ class Bench:
         self.custom = client.CustomObjectsApi(self.api)
         self.cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=300)
         await self.core.create_namespace({"metadata": {"name": NS}})
-        await self._until(lambda: self._has_default_sa(), 60)
+        await self._until(self._has_default_sa, 60)
         await self.core.create_namespaced_pod(NS, pod_manifest("exec-target"))
         await self.apps.create_namespaced_deployment(NS, deployment_manifest("workers", replicas=10))
         await self._until(lambda: self._ready_count("app=workers", 10), 120)
@@ -177,11 +177,14 @@ class Bench:
                 w.stop()
 
     async def delete_tasks(self) -> None:
-        await asyncio.to_thread(
-            lambda: self.cluster.kubectl(
-                "delete", "pythontasks", "--all", "-n", NS, "--wait=true", timeout=900
-            )
-        )
+        """One deletecollection request, then wait until they are gone (finalizers released)."""
+        await self.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+
+        async def none_left() -> bool:
+            listing = await self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, limit=1)
+            return not listing["items"]
+
+        await self._until(none_left, 600)
 
     # ---- 1. exec floor vs clients -----------------------------------------------------------------
     async def exec_clients(self) -> None:
@@ -329,13 +332,19 @@ class Bench:
         }
         log(f"throughput: {n / elapsed:.1f} tasks/s, p95 {pct(per_task, 0.95):.2f} s, cpu {cpu:.1f} s")
         self.results["api_cost"] = self._api_cost(
-            idle_before, before, after, baseline_window, elapsed + 2, succeeded
+            idle_before,
+            before=before,
+            after=after,
+            idle_seconds=baseline_window,
+            busy_seconds=elapsed + 2,
+            tasks=succeeded,
         )
         await self.delete_tasks()
 
     @staticmethod
     def _api_cost(
         idle_before: dict[tuple[str, str, str], float],
+        *,
         before: dict[tuple[str, str, str], float],
         after: dict[tuple[str, str, str], float],
         idle_seconds: float,
@@ -435,14 +444,7 @@ class Bench:
     # ---- 6. concurrency -------------------------------------------------------------------------------
     async def concurrency(self) -> None:
         wanted = 100 if self.quick else 1000
-        available = (
-            int(
-                next(
-                    l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable")
-                ).split()[1]
-            )
-            * 1024
-        )
+        available = mem_available()
         per_task = 3 * 10 * MIB  # exec follower + supervisor + script: three Pythons at ~10 MiB PSS each
         n = min(wanted, int(available * 0.6 / per_task))
         operator = self.start_operator()
@@ -505,6 +507,13 @@ class Bench:
             "kubelet": "kwok (simulated; exec runs local processes)",
             "quick": self.quick,
         }
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -54,6 +54,10 @@ componentsPatches:
 - name: kwok-controller
   extraArgs:
   - {key: node-ip, value: 127.0.0.1}
+  # kwok resolves an exec'd command with its own PATH (a container runtime would use the
+  # container's): give it the pod PATH, so "python3" is the interpreter, not a pyenv shell shim.
+  extraEnvs:
+  - {name: PATH, value: "$python_dir:/usr/local/bin:/usr/bin:/bin"}
 # One instance each: leader election only makes them exit when the apiserver is briefly away.
 - name: kube-scheduler
   extraArgs:

@@ -37,7 +37,9 @@ def blob(data: bytes) -> bytes:
 
 
 def agent_command(python: list[str]) -> list[str]:
-    return [*python, "-u", "-c", LOADER]
+    # -S: the agent needs only the standard library, and `site` can cost more than the rest of the
+    # agent's start (a .pth file importing packages). The script itself starts with site as usual.
+    return [*python, "-S", "-u", "-c", LOADER]
 
 
 def encode_stdin(request: dict[str, Any], script: bytes | None = None) -> bytes:

@@ -49,7 +49,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     registry: Registry = memo["registry"]
     await registry.close()
-    await registry.ctx.monitor.close()
+    await registry.ctx.pod_cache.close()
+    await registry.ctx.janitor.close()
     await registry.ctx.api.close()
 
 

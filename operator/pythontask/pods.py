@@ -6,18 +6,18 @@ import asyncio
 import contextlib
 import copy
 import random
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from .failures import TaskFailure
 from .kube import api_message, is_not_found
 from .machine import PodFacts
+from .pod_cache import NamespacePods
 from .spec import GROUP, KIND, VERSION, PythonTaskSpec, Target
 from .status import Reason
 
@@ -141,64 +141,30 @@ class Pods:
         lowest = min(self._in_flight[p.metadata.uid] for p in pods)
         return random.choice([p for p in pods if self._in_flight[p.metadata.uid] == lowest])
 
-    async def _candidates(
-        self, namespace: str, target: Target, pod_name: str | None
-    ) -> tuple[list[Any], str]:
-        """Current matching pods and the resourceVersion to watch from."""
-        if pod_name:
-            listing = await self._core.list_namespaced_pod(
-                namespace, field_selector=f"metadata.name={pod_name}"
-            )
-        else:
-            assert target.selector is not None
-            listing = await self._core.list_namespaced_pod(
-                namespace, label_selector=target.selector.to_query()
-            )
-        return list(listing.items), listing.metadata.resource_version
-
     async def wait_ready(
-        self, namespace: str, target: Target, wait_seconds: float, *, pod_name: str | None = None
+        self, view: NamespacePods, target: Target, wait_seconds: float, *, pod_name: str | None = None
     ) -> Any:
-        """A Ready pod for the target; waits (watching, not polling) up to `wait_seconds`."""
+        """A Ready pod for the target, from the namespace's pod cache; waits up to `wait_seconds` for one."""
         pod_name = pod_name or target.pod_name
-        deadline = time.monotonic() + wait_seconds
+        selector = target.selector
+
+        def matches(pod: Any) -> bool:
+            if pod_name:
+                return bool(pod.metadata.name == pod_name)
+            assert selector is not None
+            return selector.matches(pod.metadata.labels or {})
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
         while True:
-            pods, version = await self._candidates(namespace, target, pod_name)
+            pods = view.select(matches)
             ready = [p for p in pods if is_ready(p)]
             if ready:
                 return self._least_loaded(ready)
-            remaining = deadline - time.monotonic()
+            remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._not_ready_failure(namespace, target, pod_name, pods, wait_seconds)
-            await self._watch_for_change(namespace, target, pod_name, version, remaining)
-
-    async def _watch_for_change(
-        self, namespace: str, target: Target, pod_name: str | None, version: str, remaining: float
-    ) -> None:
-        selectors: dict[str, str] = (
-            {"field_selector": f"metadata.name={pod_name}"}
-            if pod_name
-            else {"label_selector": target.selector.to_query()}  # type: ignore[union-attr]
-        )
-        w = watch.Watch()
-        try:
-            async with asyncio.timeout(remaining):
-                async for event in w.stream(
-                    self._core.list_namespaced_pod,
-                    namespace,
-                    resource_version=version,
-                    timeout_seconds=max(1, int(remaining) + 1),
-                    **selectors,
-                ):
-                    if event["type"] in ("ADDED", "MODIFIED") and is_ready(event["object"]):
-                        return
-        except TimeoutError:
-            return
-        except ApiException as e:
-            if e.status != 410:  # an expired resourceVersion just means: list again
-                raise
-        finally:
-            w.stop()
+                raise self._not_ready_failure(view.namespace, target, pod_name, pods, wait_seconds)
+            await view.wait_change(remaining)
 
     @staticmethod
     def _not_ready_failure(

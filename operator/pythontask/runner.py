@@ -22,14 +22,16 @@ from pydantic import ValidationError
 
 from . import exec_wire, machine
 from . import status as st
-from .agent_protocol import AgentStreamDecoder, Message, agent_command, encode_stdin
+from .agent_ops import agent_call
+from .agent_protocol import Message
 from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
 from .events import Events
-from .exec_client import ExecError, ExecTarget, open_exec
+from .exec_client import ExecError, ExecTarget
 from .failures import TaskFailure
 from .inputs import Inputs, ResolvedInputs
+from .janitor import Janitor
 from .kube import Tasks, is_not_found
-from .pod_monitor import PodMonitor
+from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
 from .spec import PythonTaskSpec
 
@@ -38,7 +40,6 @@ RERUN_ANNOTATION = "pythontask.dev/rerun"
 # Test-only fault injection: exit hard right after an attempt is recorded, before its exec starts.
 CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
 log = structlog.get_logger(__name__)
-_background: set[asyncio.Task[None]] = set()  # fire-and-forget clean-ups, kept referenced until done
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Context:
     pods: Pods
     inputs: Inputs
     events: Events
-    monitor: PodMonitor
+    pod_cache: PodCache
+    janitor: Janitor
     slots: asyncio.Semaphore
 
     @classmethod
@@ -70,7 +72,8 @@ class Context:
             pods=Pods(api),
             inputs=Inputs(api),
             events=Events(api),
-            monitor=PodMonitor(api),
+            pod_cache=PodCache(api),
+            janitor=Janitor(api),
             slots=asyncio.Semaphore(settings.max_attempts_in_flight),
         )
 
@@ -157,6 +160,7 @@ class TaskRunner:
         self.abandoned = False
         self.template_pods: list[Any] = []
         self.last_attempt: dict[str, Any] | None = None  # the ended attempt whose files remain
+        self.view: NamespacePods | None = None
 
     def abandon(self, task: asyncio.Task[None]) -> None:
         """Stop for good (task deleted, or spec changed): the script is killed, not left running.
@@ -181,19 +185,22 @@ class TaskRunner:
                 st.Phase.FAILED, st.Reason.INVALID_SPEC, f"The spec is invalid: {problems}"
             )
             return
-        self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
-        prior = self._prior_status()
-        state = state_from_status(prior)
-        if state.started_at is None:
-            state = replace(state, started_at=time.time())
-        policy = spec.policy()
-        last: tuple[AttemptOutcome | None, ResolvedInputs | None] = (None, None)
-        while not state.terminal:
-            try:
-                state, last = await self._step(spec, policy, state, last)
-            except TaskFailure as failure:
-                state = machine.give_up(state, failure.reason, failure.message, time.time())
-        await self._finish(spec, state, *last)
+        # The namespace's pods stay cached (one watch) while this task is active.
+        async with self.ctx.pod_cache.using(self.namespace) as view:
+            self.view = view
+            self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
+            prior = self._prior_status()
+            state = state_from_status(prior)
+            if state.started_at is None:
+                state = replace(state, started_at=time.time())
+            policy = spec.policy()
+            last: tuple[AttemptOutcome | None, ResolvedInputs | None] = (None, None)
+            while not state.terminal:
+                try:
+                    state, last = await self._step(spec, policy, state, last)
+                except TaskFailure as failure:
+                    state = machine.give_up(state, failure.reason, failure.message, time.time())
+            await self._finish(spec, state, *last)
 
     def _prior_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.body.get("status") or {}
@@ -291,7 +298,7 @@ class TaskRunner:
         self.log.info(
             "attempt starting", attempt=state.current.number, pod=pod.metadata.name, container=container
         )
-        async with self.ctx.slots, self.ctx.monitor.watching(self.namespace, pod.metadata.uid) as lost:
+        async with self.ctx.slots, self.ctx.pod_cache.watching(self.namespace, pod.metadata.uid) as lost:
             with self.ctx.pods.running_on(pod):
                 outcome = await run_attempt(self.ctx.api, request, limits, lost)
         if outcome.script_may_be_running and self.current is not None:
@@ -372,13 +379,12 @@ class TaskRunner:
         return state
 
     def _forget_last_attempt(self) -> None:
-        """Its outcome is in status now: its files in the container can go (in the background)."""
-        if self.last_attempt is not None:
-            task = asyncio.get_running_loop().create_task(
-                forget_attempt(self.ctx, self.body, self.last_attempt)
-            )
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+        """Its outcome is in status now: its files in the container can go (batched, in the background)."""
+        attempt = self.last_attempt
+        if attempt is not None:
+            target = ExecTarget(self.namespace, attempt["pod"], attempt["container"])
+            attempt_dir = f"{task_dir(self.ctx.settings, self.body)}/{attempt['id']}"
+            self.ctx.janitor.forget(target, python_of(self.body), attempt_dir)
             self.last_attempt = None
 
     async def _restart_pod(self, pod: Any, spec: PythonTaskSpec) -> None:
@@ -404,6 +410,7 @@ class TaskRunner:
 
     async def _target_pod(self, spec: PythonTaskSpec, state: machine.TaskState, wait: float) -> Any:
         pods = self.ctx.pods
+        assert self.view is not None
         if spec.target.template is not None:
             pod = await pods.ensure_template_pod(self.body, spec)
             self.template_pods.append(pod)
@@ -412,14 +419,14 @@ class TaskRunner:
             await self._pending(
                 f"Waiting for pod {pod.metadata.name} (created from template) to be Ready.", state
             )
-            return await pods.wait_ready(self.namespace, spec.target, wait, pod_name=pod.metadata.name)
+            return await pods.wait_ready(self.view, spec.target, wait, pod_name=pod.metadata.name)
         try:
-            return await pods.wait_ready(self.namespace, spec.target, 0)
+            return await pods.wait_ready(self.view, spec.target, 0)
         except TaskFailure:
             pass
         what = spec.target.pod_name or (spec.target.selector.to_query() if spec.target.selector else "")
         await self._pending(f"Waiting up to {wait:g}s for a Ready pod ({what}).", state)
-        return await pods.wait_ready(self.namespace, spec.target, wait)
+        return await pods.wait_ready(self.view, spec.target, wait)
 
     async def _pending(self, message: str, state: machine.TaskState) -> None:
         phase = st.Phase.RETRYING if state.attempts else st.Phase.PENDING
@@ -513,23 +520,6 @@ class TaskRunner:
         self.body = await self.ctx.tasks.patch_status(self.namespace, self.name, patch)
 
 
-async def _agent_call(
-    ctx: Context, body: dict[str, Any], pod: str, container: str, request: dict[str, Any]
-) -> Message:
-    """One short agent operation (kill, forget) through its own exec; returns the agent's last message."""
-    target = ExecTarget(body["metadata"]["namespace"], pod, container)
-    decoder = AgentStreamDecoder()
-    last = Message({"type": "none"})
-    async with open_exec(ctx.api, target, agent_command(python_of(body))) as stream:
-        await stream.write_stdin(encode_stdin(request))
-        async for channel, data in stream.frames():
-            if channel == exec_wire.STDOUT:
-                for event in decoder.feed(data):
-                    if isinstance(event, Message):
-                        last = event
-    return last
-
-
 async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, Any]) -> Message | None:
     """SIGTERM, then SIGKILL, to the attempt's whole process group, through a separate exec."""
     request = {
@@ -539,18 +529,10 @@ async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, An
     }
     bound = log.bind(task=body["metadata"]["name"], namespace=body["metadata"]["namespace"])
     try:
-        reply = await _agent_call(ctx, body, current["pod"], current["container"], request)
+        target = ExecTarget(body["metadata"]["namespace"], current["pod"], current["container"])
+        reply = await agent_call(ctx.api, target, python_of(body), request)
     except (ExecError, OSError) as e:
         bound.warning("could not kill the attempt", attempt=current.get("number"), error=str(e))
         return None
     bound.info("attempt killed", attempt=current.get("number"), **reply.fields)
     return reply
-
-
-async def forget_attempt(ctx: Context, body: dict[str, Any], attempt: dict[str, Any]) -> None:
-    """Best effort: remove an attempt's directory in the container once its outcome is recorded."""
-    request = {"op": "forget", "dir": f"{task_dir(ctx.settings, body)}/{attempt['id']}"}
-    try:
-        await _agent_call(ctx, body, attempt["pod"], attempt["container"], request)
-    except (ExecError, OSError) as e:
-        log.debug("attempt files not removed", error=str(e))

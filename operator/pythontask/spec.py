@@ -41,6 +41,22 @@ class LabelSelector(Model):
     match_labels: dict[str, str] = Field(default_factory=dict)
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
 
+    def matches(self, labels: dict[str, str]) -> bool:
+        """The apiserver's label selector semantics, for pods read from the cache."""
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
     def to_query(self) -> str:
         """The label selector in the apiserver's query syntax."""
         parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]

@@ -121,3 +121,30 @@ def test_template_pod_manifest_is_owned_labelled_and_kept_alive() -> None:
     assert containers[0]["command"] == ["/venv/bin/python", "-c", IDLE_PROGRAM]
     assert containers[1]["command"] == ["x"]  # its own command is kept
     assert "command" not in spec.target.template["spec"]["containers"][0]  # type: ignore[index]  # not mutated
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({"app": "w", "tier": "batch", "zone": "a", "gpu": "1"}, True),
+        ({"app": "w", "tier": "batch", "zone": "c", "gpu": "1"}, False),  # zone not In
+        ({"app": "w", "tier": "batch", "zone": "a"}, False),  # gpu must exist
+        ({"app": "w", "tier": "batch", "zone": "a", "gpu": "1", "canary": "y"}, False),  # canary must not
+        ({"app": "w", "tier": "batch", "zone": "a", "gpu": "1", "env": "dev"}, False),  # env NotIn dev
+        ({"app": "w", "tier": "batch", "zone": "b", "gpu": "1", "env": "prod"}, True),
+        ({"app": "x", "tier": "batch", "zone": "a", "gpu": "1"}, False),  # matchLabels
+    ],
+)
+def test_selector_matches_like_the_apiserver(labels: dict[str, str], expected: bool) -> None:
+    selector = LabelSelector.model_validate(
+        {
+            "matchLabels": {"app": "w", "tier": "batch"},
+            "matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a", "b"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "gpu", "operator": "Exists"},
+                {"key": "env", "operator": "NotIn", "values": ["dev"]},
+            ],
+        }
+    )
+    assert selector.matches(labels) is expected

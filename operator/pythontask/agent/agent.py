@@ -376,18 +376,21 @@ def kill(d: str, grace: float) -> int:
     return 0
 
 
-def forget(d: str) -> int:
-    """Removes one attempt directory once its result is recorded (never a whole task: a rerun's fresh
-    attempt may already be starting beside it)."""
-    existed = os.path.isdir(d)
-    shutil.rmtree(d, ignore_errors=True)
-    message(type="forgotten", existed=existed)
+def forget(dirs: list[str]) -> int:
+    """Removes attempt directories whose results are recorded (never a whole task: a rerun's fresh
+    attempt may already be starting beside them)."""
+    removed = 0
+    for d in dirs:
+        if os.path.isdir(d):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    message(type="forgotten", removed=removed)
     return 0
 
 
 def main() -> int:
     req = json.loads(read_blob())
-    op, d = req["op"], req["dir"]
+    op, d = req["op"], req.get("dir", "")
     tail = int(req.get("tail", 65536))
     if op == "run":
         script = read_blob()
@@ -406,7 +409,7 @@ def main() -> int:
     if op == "kill":
         return kill(d, float(req.get("grace", 5)))
     if op == "forget":
-        return forget(d)
+        return forget(req.get("dirs") or [d])
     message(type="error", message=f"unknown op {op!r}")
     return AGENT_FAILURE
 

@@ -1,0 +1,135 @@
+"""The pods of each namespace with active tasks, kept current by one list+watch (an informer).
+
+Picking a pod reads the cache (no request per task); waiting for a Ready pod waits for the cache to
+change; an attempt learns that its pod was deleted, or replaced, even while its script is silent. The
+watch runs while at least one task of the namespace is active and stops after the last one ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+from kubernetes_asyncio import client, watch
+
+log = structlog.get_logger(__name__)
+RELIST_DELAY_SECONDS = 1.0
+
+
+class NamespacePods:
+    """One namespace's pods, by uid, as the last list+watch saw them."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        self._core = core
+        self.namespace = namespace
+        self.pods: dict[str, Any] = {}
+        self.synced = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._lost: dict[str, list[asyncio.Event]] = {}  # one event per watching attempt
+        self.users = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def select(self, keep: Callable[[Any], bool]) -> list[Any]:
+        return [pod for pod in self.pods.values() if keep(pod)]
+
+    async def wait_change(self, at_most: float) -> None:
+        """Returns when the pods change, or after `at_most` seconds."""
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), at_most)
+
+    def lost(self, uid: str) -> asyncio.Event:
+        """Set once the pod with this uid is deleting or gone."""
+        event = asyncio.Event()
+        self._lost.setdefault(uid, []).append(event)
+        if self.synced.is_set() and not self._alive(uid):
+            event.set()
+        return event
+
+    def release_lost(self, uid: str, event: asyncio.Event) -> None:
+        events = self._lost.get(uid, [])
+        if event in events:
+            events.remove(event)
+        if not events:
+            self._lost.pop(uid, None)
+
+    def _alive(self, uid: str) -> bool:
+        pod = self.pods.get(uid)
+        return pod is not None and pod.metadata.deletion_timestamp is None
+
+    def _notify(self) -> None:
+        for uid, events in self._lost.items():
+            if not self._alive(uid):
+                for event in events:
+                    event.set()
+        # Wake every waiter once, then start a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                listing = await self._core.list_namespaced_pod(self.namespace)
+                self.pods = {p.metadata.uid: p for p in listing.items}
+                self.synced.set()
+                self._notify()
+                w = watch.Watch()
+                async for event in w.stream(
+                    self._core.list_namespaced_pod,
+                    self.namespace,
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=300,
+                ):
+                    pod = event["object"]
+                    if event["type"] == "DELETED":
+                        self.pods.pop(pod.metadata.uid, None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        self.pods[pod.metadata.uid] = pod
+                    self._notify()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a background watch must outlive any single failure
+                log.debug("pod watch interrupted; listing again", namespace=self.namespace, error=repr(e))
+            await asyncio.sleep(RELIST_DELAY_SECONDS)
+
+
+class PodCache:
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+        self._namespaces: dict[str, NamespacePods] = {}
+
+    @contextlib.asynccontextmanager
+    async def using(self, namespace: str) -> AsyncIterator[NamespacePods]:
+        """The namespace's pods, kept current while the caller (an active task) needs them."""
+        view = self._namespaces.get(namespace)
+        if view is None:
+            view = self._namespaces[namespace] = NamespacePods(self._core, namespace)
+            view.task = asyncio.get_running_loop().create_task(view.run())
+        view.users += 1
+        try:
+            await view.synced.wait()
+            yield view
+        finally:
+            view.users -= 1
+            if view.users == 0:
+                del self._namespaces[namespace]
+                if view.task is not None:
+                    view.task.cancel()
+
+    @contextlib.asynccontextmanager
+    async def watching(self, namespace: str, pod_uid: str) -> AsyncIterator[asyncio.Event]:
+        """An event set once the pod with this uid is deleting or gone."""
+        async with self.using(namespace) as view:
+            event = view.lost(pod_uid)
+            try:
+                yield event
+            finally:
+                view.release_lost(pod_uid, event)
+
+    async def close(self) -> None:
+        for view in self._namespaces.values():
+            if view.task is not None:
+                view.task.cancel()
