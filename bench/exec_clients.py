@@ -80,6 +80,8 @@ def kubernetes_sync_stream(kubeconfig: Path, target: ExecTarget) -> ExecFn:
             resp.update(timeout=1)
             if resp.peek_stdout():
                 total += len(resp.read_stdout().encode())
+        while resp.peek_stdout():  # what arrived with the close is still buffered
+            total += len(resp.read_stdout().encode())
         resp.close()
         return total
 

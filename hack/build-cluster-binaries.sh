@@ -27,29 +27,32 @@ use_existing() {
     ln -sf "$(readlink -f "$candidate")" "$BIN/$name"; log "$name: using $var=$candidate"; return 0
   fi
   candidate=$(command -v "$name" 2>/dev/null || true)
-  if [[ -n $candidate && $candidate != "$BIN/$name" ]] && "$candidate" --version 2>/dev/null | grep -q -- "$want"; then
+  local version_args=(--version)
+  [[ $name == kubectl ]] && version_args=(version --client)
+  if [[ -n $candidate && $candidate != "$BIN/$name" ]] && "$candidate" "${version_args[@]}" 2>/dev/null | grep -q -- "$want"; then
     ln -sf "$(readlink -f "$candidate")" "$BIN/$name"; log "$name: using $candidate from PATH"; return 0
   fi
   return 1
 }
 
+# enter_module_dir NAME: a scratch Go module of our own under the build cache, created once.
+enter_module_dir() {
+  mkdir -p "$WORK/$1"
+  cd "$WORK/$1"
+  [[ -f go.mod ]] || go mod init "pythontask.local/$1" >/dev/null 2>&1
+}
+
 build_kubernetes() {
-  local dir=$WORK/kubernetes-$K8S_VERSION minor=${K8S_VERSION#v1.} staging_version
-  staging_version=v0.$minor
-  mkdir -p "$dir"
-  cd "$dir"
-  if [[ ! -f go.mod ]]; then
-    go mod init pythontask.local/kubernetes-build >/dev/null 2>&1
+  local minor=${K8S_VERSION#v1.}
+  enter_module_dir "kubernetes-$K8S_VERSION"
+  if ! grep -q "k8s.io/kubernetes $K8S_VERSION" go.mod; then
     # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging;
     # outside its repo we pin each one to the matching published v0.x.y instead.
-    local mod
-    mod=$(curl -fsS "${GOPROXY_URL:-https://proxy.golang.org}/k8s.io/kubernetes/@v/$K8S_VERSION.mod")
-    local staging
-    staging=$(awk '/=> \.\/staging/ {print $1}' <<<"$mod")
-    local args=()
-    for m in $staging; do args+=("-replace=$m=$m@$staging_version"); done
-    go mod edit "${args[@]}"
-    go mod edit -require="k8s.io/kubernetes@$K8S_VERSION"
+    local mod_file staging args=()
+    mod_file=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    staging=$(awk '/=> \.\/staging/ {print $1}' "$mod_file")
+    for m in $staging; do args+=("-replace=$m=$m@v0.$minor"); done
+    go mod edit "${args[@]}" -require="k8s.io/kubernetes@$K8S_VERSION"
   fi
   local ldflags pkg="k8s.io/component-base/version" cpkg="k8s.io/client-go/pkg/version"
   local major=1 minor_n=${minor%%.*}
@@ -66,13 +69,9 @@ build_kubernetes() {
 }
 
 build_etcd() {
-  local dir=$WORK/etcd-$ETCD_VERSION
-  mkdir -p "$dir"
-  cd "$dir"
-  if [[ ! -f go.mod ]]; then
-    go mod init pythontask.local/etcd-build >/dev/null 2>&1
-    # etcd's own main package lives in a module with local replaces; this is the same entry point.
-    cat >main.go <<'EOF'
+  enter_module_dir "etcd-$ETCD_VERSION"
+  # etcd's own main package lives in a module with local replaces; this is the same entry point.
+  cat >main.go <<'EOF'
 package main
 
 import (
@@ -83,6 +82,7 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 EOF
+  if ! grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION" go.mod; then
     go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1 || go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
     go mod tidy >/dev/null
   fi
@@ -91,13 +91,8 @@ EOF
 }
 
 build_kwok() {
-  local dir=$WORK/kwok-$KWOK_VERSION
-  mkdir -p "$dir"
-  cd "$dir"
-  if [[ ! -f go.mod ]]; then
-    go mod init pythontask.local/kwok-build >/dev/null 2>&1
-    go mod edit -require="sigs.k8s.io/kwok@$KWOK_VERSION"
-  fi
+  enter_module_dir "kwok-$KWOK_VERSION"
+  grep -q "sigs.k8s.io/kwok" go.mod || go mod edit -require="sigs.k8s.io/kwok@$KWOK_VERSION"
   log "go build kwok kwokctl ($KWOK_VERSION)"
   go get sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl >/dev/null 2>&1 ||
     go get sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl

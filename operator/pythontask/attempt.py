@@ -114,7 +114,11 @@ class _Ended(Exception):
 
 
 class _Session:
-    def __init__(self, req: AttemptRequest, limits: Limits, outcome: AttemptOutcome) -> None:
+    def __init__(
+        self, req: AttemptRequest, limits: Limits, outcome: AttemptOutcome, gate: asyncio.Semaphore | None
+    ) -> None:
+        self.gate = gate
+        self.holding_gate = False
         self.req = req
         self.limits = limits
         self.outcome = outcome
@@ -150,6 +154,8 @@ class _Session:
 
     def on_message(self, message: Message) -> None:
         kind = message.type
+        if kind == "started":
+            self.release_gate()
         if kind == "accepted":
             self.outcome.accepted = True
         elif kind == "started":
@@ -173,8 +179,6 @@ class _Session:
     async def stream_once(self, api: client.ApiClient, op: str) -> exec_wire.ExecStatus | None:
         """One exec of the agent; returns the exec status when the stream ends without a result."""
         self.caught_up = False
-        decoder = AgentStreamDecoder()
-        agent_stderr = exec_wire.Tail(4096)
         if op == "follow":
             # The agent replays the last tail bytes: start the tails afresh, keep the totals from it.
             self.outcome.stdout = exec_wire.Tail(self.req.tail_bytes)
@@ -182,6 +186,29 @@ class _Session:
         payload = encode_stdin(
             self.req.agent_request(op), (self.req.inputs.script or b"") if op == "run" else None
         )
+        if self.gate is not None and not self.outcome.started:
+            # Backpressure: only so many attempts start at once; the connect clock runs once it is our turn.
+            async with asyncio.timeout_at(self.hard_deadline()):
+                await self.gate.acquire()
+            self.holding_gate = True
+            self.connect_deadline = self.loop.time() + self.limits.connect
+        try:
+            return await self._stream(api, op, payload)
+        finally:
+            self.release_gate()
+
+    def hard_deadline(self) -> float:
+        total = self.limits.total_deadline
+        return self.limits.attempt_deadline if total is None else min(total, self.limits.attempt_deadline)
+
+    def release_gate(self) -> None:
+        if self.holding_gate and self.gate is not None:
+            self.gate.release()
+            self.holding_gate = False
+
+    async def _stream(self, api: client.ApiClient, op: str, payload: bytes) -> exec_wire.ExecStatus | None:
+        decoder = AgentStreamDecoder()
+        agent_stderr = exec_wire.Tail(4096)
         connect = max(0.1, min(self.limits.connect, self.deadline() - self.loop.time()))
         async with open_exec(
             api, self.req.target, agent_command(self.req.python), connect_timeout=connect
@@ -212,10 +239,15 @@ class _Session:
 
 
 async def run_attempt(
-    api: client.ApiClient, req: AttemptRequest, limits: Limits, pod_lost: asyncio.Event | None = None
+    api: client.ApiClient,
+    req: AttemptRequest,
+    limits: Limits,
+    pod_lost: asyncio.Event | None = None,
+    gate: asyncio.Semaphore | None = None,
 ) -> AttemptOutcome:
+    """Runs (or follows) one attempt to its end. `gate` bounds how many attempts are starting at once."""
     outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
-    session = _Session(req, limits, outcome)
+    session = _Session(req, limits, outcome, gate)
     lost = pod_lost or asyncio.Event()
     try:
         await _follow_to_the_end(api, session, lost)

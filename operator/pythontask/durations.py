@@ -15,13 +15,3 @@ def parse(text: str) -> float:
     if not re.fullmatch(PATTERN, text):
         raise ValueError(f"{text!r} is not a duration; use a number and a unit, like 90s, 5m or 1h30m")
     return sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 60 == 0:
-        h, m = divmod(int(seconds) // 60, 60)
-        return f"{h}h{m}m" if m else f"{h}h"
-    if seconds >= 60 and seconds % 1 == 0:
-        m, s = divmod(int(seconds), 60)
-        return f"{m}m{s}s" if s else f"{m}m"
-    return f"{seconds:g}s"

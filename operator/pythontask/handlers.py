@@ -24,6 +24,7 @@ def settings_from_env() -> Settings:
         max_attempts_in_flight=int(
             os.environ.get("PYTHONTASK_MAX_IN_FLIGHT", defaults.max_attempts_in_flight)
         ),
+        max_connecting=int(os.environ.get("PYTHONTASK_MAX_CONNECTING", defaults.max_connecting)),
     )
 
 

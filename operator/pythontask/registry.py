@@ -60,9 +60,13 @@ class Registry:
                 self._spawn(self._finalize(body))
             return
         key = _key(body)
-        if st.is_done_for(body.get("status") or {}, *key) or self.completed.get(uid) == key:
+        finished_here = self.completed.get(uid) == key
+        if st.is_done_for(body.get("status") or {}, *key) or finished_here:
             self.completed[uid] = key
-            if FINALIZER in (meta.get("finalizers") or []) and uid not in self.running:
+            # A finalizer left on a finished task (an operator stopped between its last two writes) is
+            # released here; one whose runner finished in this process was released by it already,
+            # whatever this (possibly older) event still shows.
+            if FINALIZER in (meta.get("finalizers") or []) and uid not in self.running and not finished_here:
                 self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False))
             return
         running = self.running.get(uid)

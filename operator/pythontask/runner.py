@@ -47,6 +47,7 @@ class Settings:
     state_dir: str = "/tmp/pythontask"
     kill_grace_seconds: float = 5.0
     max_attempts_in_flight: int = 1000
+    max_connecting: int = 32  # attempts starting at once; more only queue up in the apiserver and kubelet
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Context:
     pod_cache: PodCache
     janitor: Janitor
     slots: asyncio.Semaphore
+    connecting: asyncio.Semaphore
 
     @classmethod
     def create(cls, api: client.ApiClient, settings: Settings) -> Context:
@@ -75,6 +77,7 @@ class Context:
             pod_cache=PodCache(api),
             janitor=Janitor(api),
             slots=asyncio.Semaphore(settings.max_attempts_in_flight),
+            connecting=asyncio.Semaphore(settings.max_connecting),
         )
 
 
@@ -197,8 +200,11 @@ class TaskRunner:
             last: tuple[AttemptOutcome | None, ResolvedInputs | None] = (None, None)
             while not state.terminal:
                 try:
-                    state, last = await self._step(spec, policy, state, last)
+                    state, last = await self._step(spec, policy, state)
                 except TaskFailure as failure:
+                    if self.current is not None:  # abandoning a recorded attempt: kill what it started
+                        await kill_attempt(self.ctx, self.body, self.current)
+                        self.current = None
                     state = machine.give_up(state, failure.reason, failure.message, time.time())
             await self._finish(spec, state, *last)
 
@@ -220,7 +226,6 @@ class TaskRunner:
         spec: PythonTaskSpec,
         policy: machine.Policy,
         state: machine.TaskState,
-        last: tuple[AttemptOutcome | None, ResolvedInputs | None],
     ) -> tuple[machine.TaskState, tuple[AttemptOutcome | None, ResolvedInputs | None]]:
         deadline = self._total_deadline(policy, state)
         if state.current is None:
@@ -300,7 +305,7 @@ class TaskRunner:
         )
         async with self.ctx.slots, self.ctx.pod_cache.watching(self.namespace, pod.metadata.uid) as lost:
             with self.ctx.pods.running_on(pod):
-                outcome = await run_attempt(self.ctx.api, request, limits, lost)
+                outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting)
         if outcome.script_may_be_running and self.current is not None:
             await self._kill(outcome)
         if outcome.kind in (machine.Kind.HANG, machine.Kind.STREAM_BROKEN) and not await self._still_ready(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -47,7 +46,6 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     INVALID_POD_TEMPLATE = "InvalidPodTemplate"
     EXEC_ERROR = "ExecError"
-    RESULT_UNKNOWN = "ResultUnknown"
 
 
 SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
@@ -63,29 +61,6 @@ def parse_iso(text: str) -> float:
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    phase: Phase
-    reason: str
-    message: str
-
-
-def verdict_for_exit(exit_code: int, signal: int | None = None) -> Verdict:
-    """The verdict for a script that ran to an exit status."""
-    if exit_code == 0:
-        return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, "The script exited 0.")
-    if signal:
-        name = SIGNAL_NAMES.get(signal, f"signal {signal}")
-        return Verdict(
-            Phase.FAILED, Reason.KILLED, f"The script was killed by {name} (exit code {exit_code})."
-        )
-    return Verdict(
-        Phase.FAILED,
-        Reason.NON_ZERO_EXIT_CODE,
-        f"The script exited with code {exit_code}; see status.output.stderr.",
-    )
 
 
 def _condition(

@@ -17,9 +17,3 @@ def test_parse(text: str, seconds: float) -> None:
 def test_rejects_with_a_useful_message(text: str) -> None:
     with pytest.raises(ValueError, match="like 90s, 5m or 1h30m"):
         durations.parse(text)
-
-
-@pytest.mark.parametrize(("seconds", "text"), [(90, "1m30s"), (300, "5m"), (5400, "1h30m"), (0.25, "0.25s")])
-def test_format(seconds: float, text: str) -> None:
-    assert durations.format_seconds(seconds) == text
-    assert durations.parse(text) == pytest.approx(seconds)

@@ -23,6 +23,17 @@ from pythontask.pods import (
 from pythontask.spec import LabelSelector, PythonTaskSpec
 
 CRD = Path(__file__).resolve().parents[2] / "crds/pythontask.dev_pythontasks.yaml"
+SELECTOR = LabelSelector.model_validate(
+    {
+        "matchLabels": {"app": "w", "tier": "batch"},
+        "matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a", "b"]},
+            {"key": "canary", "operator": "DoesNotExist"},
+            {"key": "gpu", "operator": "Exists"},
+            {"key": "env", "operator": "NotIn", "values": ["dev"]},
+        ],
+    }
+)
 
 
 def test_defaults() -> None:
@@ -49,18 +60,7 @@ def test_invalid_specs_are_refused_by_the_model_too(body: dict[str, Any]) -> Non
 
 
 def test_selector_query() -> None:
-    selector = LabelSelector.model_validate(
-        {
-            "matchLabels": {"app": "w", "tier": "batch"},
-            "matchExpressions": [
-                {"key": "zone", "operator": "In", "values": ["a", "b"]},
-                {"key": "canary", "operator": "DoesNotExist"},
-                {"key": "gpu", "operator": "Exists"},
-                {"key": "env", "operator": "NotIn", "values": ["dev"]},
-            ],
-        }
-    )
-    assert selector.to_query() == "app=w,tier=batch,zone in (a,b),!canary,gpu,env notin (dev)"
+    assert SELECTOR.to_query() == "app=w,tier=batch,zone in (a,b),!canary,gpu,env notin (dev)"
 
 
 def test_crd_duration_rule_is_the_parsers_pattern() -> None:
@@ -136,15 +136,4 @@ def test_template_pod_manifest_is_owned_labelled_and_kept_alive() -> None:
     ],
 )
 def test_selector_matches_like_the_apiserver(labels: dict[str, str], expected: bool) -> None:
-    selector = LabelSelector.model_validate(
-        {
-            "matchLabels": {"app": "w", "tier": "batch"},
-            "matchExpressions": [
-                {"key": "zone", "operator": "In", "values": ["a", "b"]},
-                {"key": "canary", "operator": "DoesNotExist"},
-                {"key": "gpu", "operator": "Exists"},
-                {"key": "env", "operator": "NotIn", "values": ["dev"]},
-            ],
-        }
-    )
-    assert selector.matches(labels) is expected
+    assert SELECTOR.matches(labels) is expected

@@ -42,26 +42,6 @@ def test_last_transition_time_moves_only_when_status_flips() -> None:
     assert by_type["Reconciling"]["lastTransitionTime"] == "T2"  # True -> False
 
 
-@pytest.mark.parametrize(
-    ("code", "signal", "phase", "reason"),
-    [
-        (0, None, st.Phase.SUCCEEDED, "Completed"),
-        (3, None, st.Phase.FAILED, "NonZeroExitCode"),
-        (137, 9, st.Phase.FAILED, "Killed"),
-        (143, 15, st.Phase.FAILED, "Killed"),
-    ],
-)
-def test_verdict_for_exit(code: int, signal: int | None, phase: st.Phase, reason: str) -> None:
-    verdict = st.verdict_for_exit(code, signal)
-    assert (verdict.phase, verdict.reason) == (phase, reason)
-    assert str(code) in verdict.message
-
-
-def test_killed_names_the_signal() -> None:
-    assert "SIGKILL" in st.verdict_for_exit(137, 9).message
-    assert "SIGTERM" in st.verdict_for_exit(143, 15).message
-
-
 def test_done_only_for_the_same_generation_and_rerun_token() -> None:
     status = {"phase": "Succeeded", "observedGeneration": 2, "rerunToken": "a"}
     assert st.is_done_for(status, 2, "a")
