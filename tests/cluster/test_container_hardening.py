@@ -9,6 +9,7 @@ from kubernetes_asyncio import client
 from support import procs
 from support.pods import ready_pod
 from support.tasks import TaskClient
+from support.waiting import eventually
 
 
 async def test_children_leave_no_zombie(core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path) -> None:
@@ -57,3 +58,20 @@ async def test_memory_peak_is_reported(core: client.CoreV1Api, tasks: TaskClient
     assert resources["containerMemoryPeakBytes"] >= resources["scriptPeakRSSBytes"]
     assert resources["oomKills"] == 0
     assert "cpuThrottledPeriods" in resources
+
+
+async def test_attempt_files_leave_the_container_once_the_result_is_recorded(
+    core: client.CoreV1Api, tasks: TaskClient
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    script = "import os\nprint(os.path.dirname(os.path.abspath(__file__)))\n"  # its attempt directory
+    created = await tasks.create("tidy", {"target": {"podName": "worker"}, "script": {"inline": script}})
+    status = await tasks.wait_status("tidy")
+    assert status["phase"] == "Succeeded"
+    attempt_dir = Path(status["output"]["stdout"].strip())
+    assert attempt_dir.parent == Path("/tmp/pythontask") / created["metadata"]["uid"]
+
+    async def removed() -> bool:
+        return not attempt_dir.exists()
+
+    await eventually(removed, within=30, what=f"{attempt_dir} to be removed")
