@@ -19,7 +19,7 @@ async def assert_failed(
     assert "exitCode" not in status  # unknown, never a made-up 0
     for word in words:
         assert word in status["message"], status["message"]
-    events = await tasks.events(name)
+    events = await tasks.events(name, at_least=1)
     assert [(e.type, e.reason) for e in events] == [("Warning", reason)]
     assert events[0].message == status["message"]
 

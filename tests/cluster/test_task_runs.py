@@ -105,7 +105,7 @@ async def test_non_zero_exit_fails_with_the_code_and_separate_streams(
     assert "code 3" in status["message"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"Ready": "False", "Reconciling": "False", "Stalled": "True", "Failed": "True"}
-    events = await tasks.events("exit3")
+    events = await tasks.events("exit3", at_least=1)
     assert [(e.type, e.reason) for e in events] == [("Warning", "NonZeroExitCode")]
 
 

@@ -62,8 +62,15 @@ class TaskClient:
         await self.create(name, spec)
         return await self.wait_status(name, within=within)
 
-    async def events(self, name: str) -> list[Any]:
-        listing = await self.core.list_namespaced_event(
-            self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=PythonTask"
-        )
-        return list(listing.items)
+    async def events(self, name: str, *, at_least: int = 0, within: float = 15) -> list[Any]:
+        """The task's Events; with `at_least`, waits for that many (the final Event follows the final
+        status write, so a test that just saw the status may be a moment ahead of it)."""
+
+        async def probe() -> list[Any] | None:
+            listing = await self.core.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=PythonTask"
+            )
+            items = sorted(listing.items, key=lambda e: (e.first_timestamp or e.event_time, e.metadata.name))
+            return items if len(items) >= at_least else None
+
+        return await eventually(probe, within=within, what=f"{at_least} Events of task {name}") or []
