@@ -60,7 +60,6 @@ class AttemptOutcome:
     sent: bool = False  # the request reached an exec'd agent: a script may have been started
     accepted: bool = False  # the agent acknowledged the attempt (its directory exists)
     started: bool = False
-    reattached: int = 0
 
     @property
     def stdout_bytes(self) -> int:
@@ -298,7 +297,6 @@ async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asy
         log.info("exec stream broke; following the script again", problem=problem, retry_in=delay)
         await asyncio.sleep(delay)
         op = "follow"
-        session.outcome.reattached += 1
 
 
 def _interpreter_missing(problem: str) -> bool:

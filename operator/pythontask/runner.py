@@ -161,7 +161,7 @@ class TaskRunner:
         # The attempt in flight, as recorded in status: what to kill if the task is abandoned.
         self.current: dict[str, Any] | None = None
         self.abandoned = False
-        self.template_pods: list[Any] = []
+        self.template_pods: dict[str, Any] = {}  # by uid: the pods this task created, to delete at the end
         self.last_attempt: dict[str, Any] | None = None  # the ended attempt whose files remain
         self.view: NamespacePods | None = None
 
@@ -418,7 +418,7 @@ class TaskRunner:
         assert self.view is not None
         if spec.target.template is not None:
             pod = await pods.ensure_template_pod(self.body, spec)
-            self.template_pods.append(pod)
+            self.template_pods[pod.metadata.uid] = pod
             if is_ready(pod):
                 return pod
             await self._pending(
@@ -500,7 +500,7 @@ class TaskRunner:
         await self._patch_final(state.phase, state.reason, message, **fields)
         self._forget_last_attempt()
         if spec.target.template is not None and not spec.target.keep_pod:
-            for pod in self.template_pods:
+            for pod in self.template_pods.values():
                 await self.ctx.pods.delete(pod)
 
     async def _patch_final(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
