@@ -70,6 +70,11 @@ class AttemptOutcome:
         return self.totals.get("stderr", self.stderr.total)
 
     @property
+    def truncated(self) -> bool:
+        """Whether the tails hold less than the script wrote (totals come from the agent's files)."""
+        return self.stdout_bytes > len(self.stdout.data()) or self.stderr_bytes > len(self.stderr.data())
+
+    @property
     def script_may_be_running(self) -> bool:
         """True when the script may still run in the container and must be killed."""
         return self.sent and self.kind not in (Kind.EXITED, Kind.FAILED, Kind.POD_LOST)

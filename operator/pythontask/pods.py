@@ -203,6 +203,18 @@ class Pods:
                 ) from e
             raise
 
+    async def current(self, namespace: str, name: str, uid: str) -> Any:
+        """The pod as the apiserver has it now, or None once it is gone, deleting, or replaced (new uid)."""
+        try:
+            pod: Any = await self._core.read_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if is_not_found(e):
+                return None
+            raise
+        if pod.metadata.uid != uid or pod.metadata.deletion_timestamp is not None:
+            return None
+        return pod
+
     async def delete(self, pod: Any) -> None:
         """Deletes exactly this pod (uid precondition), if it still exists."""
         try:

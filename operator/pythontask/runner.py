@@ -17,7 +17,6 @@ from typing import Any
 
 import structlog
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from . import exec_wire, machine
@@ -30,7 +29,7 @@ from .exec_client import ExecError, ExecTarget
 from .failures import TaskFailure
 from .inputs import Inputs, ResolvedInputs
 from .janitor import Janitor
-from .kube import Tasks, is_not_found
+from .kube import Tasks
 from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
 from .spec import PythonTaskSpec
@@ -85,8 +84,9 @@ def rerun_token(body: dict[str, Any]) -> str:
     return str((body["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION, ""))
 
 
-def task_dir(settings: Settings, body: dict[str, Any]) -> str:
-    return f"{settings.state_dir}/{body['metadata']['uid']}"
+def attempt_dir(settings: Settings, body: dict[str, Any], attempt_id: str) -> str:
+    """Where the agent keeps an attempt in the container: one directory per task, one below per attempt."""
+    return f"{settings.state_dir}/{body['metadata']['uid']}/{attempt_id}"
 
 
 def python_of(body: dict[str, Any]) -> list[str]:
@@ -288,7 +288,7 @@ class TaskRunner:
         )
         request = AttemptRequest(
             target=ExecTarget(self.namespace, pod.metadata.name, container),
-            attempt_dir=f"{task_dir(self.ctx.settings, self.body)}/{state.current.id}",
+            attempt_dir=attempt_dir(self.ctx.settings, self.body, state.current.id),
             python=list(spec.python),
             args=list(spec.args),
             working_dir=spec.working_dir,
@@ -337,15 +337,8 @@ class TaskRunner:
             )
 
     async def _still_ready(self, pod: Any) -> bool:
-        try:
-            fresh = await client.CoreV1Api(self.ctx.api).read_namespaced_pod(
-                pod.metadata.name, self.namespace
-            )
-        except ApiException as e:
-            if is_not_found(e):
-                return False
-            raise
-        return bool(fresh.metadata.uid == pod.metadata.uid and is_ready(fresh))
+        fresh = await self.ctx.pods.current(self.namespace, pod.metadata.name, pod.metadata.uid)
+        return fresh is not None and is_ready(fresh)
 
     async def _conclude(
         self,
@@ -388,8 +381,9 @@ class TaskRunner:
         attempt = self.last_attempt
         if attempt is not None:
             target = ExecTarget(self.namespace, attempt["pod"], attempt["container"])
-            attempt_dir = f"{task_dir(self.ctx.settings, self.body)}/{attempt['id']}"
-            self.ctx.janitor.forget(target, python_of(self.body), attempt_dir)
+            self.ctx.janitor.forget(
+                target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, attempt["id"])
+            )
             self.last_attempt = None
 
     async def _restart_pod(self, pod: Any, spec: PythonTaskSpec) -> None:
@@ -403,15 +397,7 @@ class TaskRunner:
         await self.ctx.pods.delete(pod)
 
     async def _recorded_pod(self, recorded: dict[str, Any]) -> Any:
-        try:
-            pod = await client.CoreV1Api(self.ctx.api).read_namespaced_pod(recorded["pod"], self.namespace)
-        except ApiException as e:
-            if not is_not_found(e):
-                raise
-            return None
-        if pod.metadata.uid != recorded.get("podUID", pod.metadata.uid) or pod.metadata.deletion_timestamp:
-            return None
-        return pod
+        return await self.ctx.pods.current(self.namespace, recorded["pod"], recorded["podUID"])
 
     async def _target_pod(self, spec: PythonTaskSpec, state: machine.TaskState, wait: float) -> Any:
         pods = self.ctx.pods
@@ -491,8 +477,7 @@ class TaskRunner:
                 "stderr": inputs.mask(outcome.stderr.text()),
                 "stdoutBytes": outcome.stdout_bytes,
                 "stderrBytes": outcome.stderr_bytes,
-                "truncated": outcome.stdout_bytes > len(outcome.stdout.data())
-                or outcome.stderr_bytes > len(outcome.stderr.data()),
+                "truncated": outcome.truncated,
             }
             if outcome.resources:
                 fields["resources"] = outcome.resources
@@ -529,7 +514,7 @@ async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, An
     """SIGTERM, then SIGKILL, to the attempt's whole process group, through a separate exec."""
     request = {
         "op": "kill",
-        "dir": f"{task_dir(ctx.settings, body)}/{current['id']}",
+        "dir": attempt_dir(ctx.settings, body, current["id"]),
         "grace": ctx.settings.kill_grace_seconds,
     }
     bound = log.bind(task=body["metadata"]["name"], namespace=body["metadata"]["namespace"])
