@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the local cluster's binaries from Go modules only (no container images, no release tarballs):
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes), etcd, kwok, kwokctl.
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet (k8s.io/kubernetes), etcd, kwok,
+# kwokctl. The kubelet (for the real node, hack/real-node.sh) only on Linux, the one OS it runs on.
 # Results are cached outside the repo and reused; prints the bin directory on the last line of stdout.
 #
 # Overrides: a binary named by an environment variable (KUBE_APISERVER_BIN, KUBE_CONTROLLER_MANAGER_BIN,
-# KUBE_SCHEDULER_BIN, KUBECTL_BIN, ETCD_BIN, KWOK_BIN, KWOKCTL_BIN) or found on PATH at the pinned
+# KUBE_SCHEDULER_BIN, KUBECTL_BIN, KUBELET_BIN, ETCD_BIN, KWOK_BIN, KWOKCTL_BIN) or found on PATH at the pinned
 # version is linked into the bin directory instead of being built.
 set -euo pipefail
 
@@ -102,7 +103,9 @@ build_kwok() {
 
 start=$(date +%s)
 k8s_todo=()
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+[[ $(uname -s) == Linux ]] && k8s_cmds+=(kubelet)
+for c in "${k8s_cmds[@]}"; do
   var=$(tr 'a-z-' 'A-Z_' <<<"$c")_BIN
   [[ -x $BIN/$c ]] && continue
   use_existing "$c" "$var" "$K8S_VERSION" || k8s_todo+=("$c")
