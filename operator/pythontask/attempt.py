@@ -1,12 +1,18 @@
-"""One attempt: exec the agent into the pod, stream its framed output under deadlines, and report.
+"""One attempt over exec: run (or follow) the agent in the pod, stream its framed output under
+deadlines, and report what happened. The exec wire edge of the runner; it decides nothing about retries.
 
 - The exit code comes from the agent's in-band result, not from the exec status frame (kwok, and
   runtimes with exec bugs, do not carry it reliably). No result means the outcome is unknown.
 - Deadlines: `connect` until the script has started, then `idle` (time since the last output),
-  `attempt`, and `total`. Whichever fires first ends the attempt and is named in the outcome.
+  `attempt`, and `total`; whichever fires first ends the attempt and is named in the outcome. Every wait
+  is bounded, writing stdin included.
+- The agent sends a heartbeat every few seconds: a stream silent for STREAM_SILENCE_SECONDS is
+  half-open (a load balancer cut it, a node went away) and is followed again, like a stream that broke.
 - A stream that breaks after the script started is followed again (the agent's `follow` op) for up to
   the reattach window: an apiserver restart or a dropped connection does not lose the result.
-- Ending the stream does not stop the script; the runner kills what it abandons.
+- When the pod is gone or the container instance ended, the stream gets a moment to deliver a result
+  already in flight, then the attempt ends as lost.
+- Ending the stream does not stop the script; the runner kills (and confirms) what it abandons.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from .machine import Kind, Outcome
 
 log = structlog.get_logger(__name__)
 REATTACH_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+# The agent's heartbeat is 5 s: four missed ones mean nobody is at the other end any more.
+STREAM_SILENCE_SECONDS = 20.0
+# How long a stream may go on after its pod or container was seen gone (a result may be in flight).
+LOST_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,12 @@ class AttemptOutcome:
     message: str = ""
     totals: dict[str, int] = field(default_factory=dict)
     resources: dict[str, Any] | None = None
-    sent: bool = False  # the request reached an exec'd agent: a script may have been started
-    accepted: bool = False  # the agent acknowledged the attempt (its directory exists)
+    oom_killed: bool = False
+    sent: bool = False  # a run request reached an exec'd agent: a script may have been started
+    accepted: bool = False  # the agent claimed the attempt (its directory exists)
     started: bool = False
+    missing: bool = False  # `follow` found no such attempt in the container (it never started there)
+    mask: frozenset[str] = frozenset()  # secret values sent with the run, to mask in everything written
 
     @property
     def stdout_bytes(self) -> int:
@@ -75,14 +88,13 @@ class AttemptOutcome:
         return self.stdout_bytes > len(self.stdout.data()) or self.stderr_bytes > len(self.stderr.data())
 
     @property
-    def script_may_be_running(self) -> bool:
-        """True when the script may still run in the container and must be killed."""
-        return self.sent and self.kind not in (Kind.EXITED, Kind.FAILED, Kind.POD_LOST)
+    def settled(self) -> bool:
+        """True when no script of this attempt can be running: it ended, or it never started."""
+        return not self.sent or self.kind in (Kind.EXITED, Kind.NOT_STARTED, Kind.FAILED)
 
     def to_machine(self) -> Outcome:
         assert self.kind is not None
-        oom = bool(self.resources and self.resources.get("oomKills")) and self.exit_code == 137
-        return Outcome(self.kind, self.message, self.exit_code, self.signal, oom, self.reason)
+        return Outcome(self.kind, self.message, self.exit_code, self.signal, self.oom_killed, self.reason)
 
 
 @dataclass(frozen=True)
@@ -90,23 +102,31 @@ class AttemptRequest:
     target: ExecTarget
     attempt_dir: str
     python: list[str]
-    args: list[str]
-    working_dir: str | None
-    inputs: ResolvedInputs
     tail_bytes: int
+    args: list[str] = field(default_factory=list)
+    working_dir: str | None = None
+    inputs: ResolvedInputs | None = None  # needed only to run; following needs nothing
+    max_output_bytes: int = 0
     context_env: dict[str, str] = field(default_factory=dict)  # PYTHONTASK_*: who and which attempt
 
     def agent_request(self, op: str) -> dict[str, Any]:
         request: dict[str, Any] = {"op": op, "dir": self.attempt_dir, "tail": self.tail_bytes}
         if op == "run":
+            assert self.inputs is not None
             request.update(
                 python=self.python,
                 args=self.args,
                 env={**self.inputs.env, **self.context_env},
                 workingDir=self.working_dir,
                 scriptPath=self.inputs.script_path,
+                maxOutputBytes=self.max_output_bytes,
+                mask=sorted(self.inputs.secret_values),
             )
         return request
+
+    def stdin(self, op: str) -> bytes:
+        script = (self.inputs.script or b"") if op == "run" and self.inputs is not None else None
+        return encode_stdin(self.agent_request(op), script)
 
 
 class _Ended(Exception):
@@ -115,6 +135,10 @@ class _Ended(Exception):
     def __init__(self, kind: Kind, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.kind, self.message, self.reason = kind, message, reason
+
+
+class _Silent(Exception):
+    """No frame, not even a heartbeat, for STREAM_SILENCE_SECONDS: the connection is half-open."""
 
 
 class _Session:
@@ -130,10 +154,15 @@ class _Session:
         self.loop = loop
         self.connect_deadline = loop.time() + limits.connect
         self.last_output = loop.time()
+        self.last_frame = loop.time()
         self.caught_up = False
         self.result: dict[str, Any] | None = None
 
     def deadline(self) -> float:
+        return min(self.attempt_deadline(), self.last_frame + STREAM_SILENCE_SECONDS)
+
+    def attempt_deadline(self) -> float:
+        """The earliest deadline that ends the attempt itself (not just this stream)."""
         candidates = [self.limits.attempt_deadline]
         if self.limits.total_deadline is not None:
             candidates.append(self.limits.total_deadline)
@@ -143,27 +172,33 @@ class _Session:
             candidates.append(self.last_output + self.limits.idle)
         return min(candidates)
 
-    def expired(self) -> _Ended:
+    def expired(self) -> _Ended | _Silent:
         now = self.loop.time()
         if self.limits.total_deadline is not None and now >= self.limits.total_deadline:
             return _Ended(Kind.DEADLINE, "timeouts.total ran out while the script was running.")
         if now >= self.limits.attempt_deadline:
             return _Ended(Kind.ATTEMPT_TIMEOUT, "The attempt ran past timeouts.attempt.")
-        if not self.outcome.started:
+        if not self.outcome.started and now >= self.connect_deadline:
             return _Ended(
                 Kind.CONNECT_TIMEOUT,
                 f"The script had not started {self.limits.connect:g}s after exec was opened.",
             )
-        return _Ended(Kind.HANG, f"No output on stdout or stderr for {self.limits.idle:g}s.")
+        if (
+            self.outcome.started
+            and self.limits.idle is not None
+            and now >= self.last_output + self.limits.idle
+        ):
+            return _Ended(Kind.HANG, f"No output on stdout or stderr for {self.limits.idle:g}s.")
+        return _Silent()
 
     def on_message(self, message: Message) -> None:
         kind = message.type
-        if kind == "started":
-            self.release_gate()
         if kind == "accepted":
             self.outcome.accepted = True
         elif kind == "started":
+            self.release_gate()
             self.outcome.started = True
+            self.outcome.mask |= frozenset(str(v) for v in message.fields.get("mask") or [])
             self.last_output = self.loop.time()
         elif kind == "caughtUp":
             self.caught_up = True
@@ -171,25 +206,26 @@ class _Session:
             self.outcome.totals = {k: int(v) for k, v in (message.fields.get("totals") or {}).items()}
             result = message.fields.get("result")
             self.result = result if isinstance(result, dict) else {"error": "the agent sent an empty result"}
+        elif kind == "tombstoned":
+            raise _Ended(Kind.NOT_STARTED, "The attempt was stopped before its script started; it never ran.")
         elif kind == "error":
             reason = message.fields.get("reason")
             text = str(message.fields.get("message", "the agent reported an error"))
             if reason:
-                raise _Ended(Kind.FAILED, text, reason)
-            raise _Ended(Kind.CONNECT_FAILED, text)
+                raise _Ended(Kind.FAILED, text, str(reason))
+            raise _Ended(Kind.EXEC_ERROR, text)
         elif kind == "missing":
+            self.outcome.missing = not self.outcome.started
             raise _Ended(Kind.STREAM_BROKEN, "The attempt's directory is gone from the container.")
 
     async def stream_once(self, api: client.ApiClient, op: str) -> exec_wire.ExecStatus | None:
         """One exec of the agent; returns the exec status when the stream ends without a result."""
         self.caught_up = False
+        self.last_frame = self.loop.time()
         if op == "follow":
             # The agent replays the last tail bytes: start the tails afresh, keep the totals from it.
             self.outcome.stdout = exec_wire.Tail(self.req.tail_bytes)
             self.outcome.stderr = exec_wire.Tail(self.req.tail_bytes)
-        payload = encode_stdin(
-            self.req.agent_request(op), (self.req.inputs.script or b"") if op == "run" else None
-        )
         if self.gate is not None and not self.outcome.started:
             # Backpressure: only so many attempts start at once; the connect clock runs once it is our turn.
             async with asyncio.timeout_at(self.hard_deadline()):
@@ -197,7 +233,7 @@ class _Session:
             self.holding_gate = True
             self.connect_deadline = self.loop.time() + self.limits.connect
         try:
-            return await self._stream(api, op, payload)
+            return await self._stream(api, op, self.req.stdin(op))
         finally:
             self.release_gate()
 
@@ -217,10 +253,12 @@ class _Session:
         async with open_exec(
             api, self.req.target, agent_command(self.req.python), connect_timeout=connect
         ) as stream:
-            await stream.write_stdin(payload)
-            self.outcome.sent = True
             async with asyncio.timeout_at(self.deadline()) as timer:
+                await stream.write_stdin(payload)
+                if op == "run":
+                    self.outcome.sent = True
                 async for channel, data in stream.frames():
+                    self.last_frame = self.loop.time()
                     if channel == exec_wire.STDERR:
                         agent_stderr.append(data)
                         continue
@@ -248,29 +286,43 @@ async def run_attempt(
     limits: Limits,
     pod_lost: asyncio.Event | None = None,
     gate: asyncio.Semaphore | None = None,
+    *,
+    op: str = "run",
 ) -> AttemptOutcome:
-    """Runs (or follows) one attempt to its end. `gate` bounds how many attempts are starting at once."""
+    """Runs (op "run") or follows (op "follow", after a restart) one attempt to its end. `gate` bounds
+    how many attempts are starting at once. A follow that finds nothing ends with `missing` set."""
     outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
     session = _Session(req, limits, outcome, gate)
     lost = pod_lost or asyncio.Event()
     try:
-        await _follow_to_the_end(api, session, lost)
+        await _follow_to_the_end(api, session, lost, op)
     except _Ended as ended:
         outcome.kind, outcome.message, outcome.reason = ended.kind, ended.message, ended.reason
         return outcome
     result = session.result or {}
     outcome.resources = result.get("resources")
     code = result.get("exitCode")
-    if isinstance(code, int):
+    killed_by = result.get("killedBy")
+    if isinstance(killed_by, dict) and killed_by.get("why") in Kind.__members__.values():
+        # The operator killed it (a hang, a timeout) and then stopped before recording why: that reason
+        # stands, not the exit code of the kill.
+        outcome.kind = Kind(killed_by["why"])
+        outcome.message = f"The script was killed by the operator ({killed_by['why']})."
+    elif result.get("outputLimitExceeded"):
+        outcome.kind, outcome.reason = Kind.FAILED, "OutputLimitExceeded"
+        outcome.message = (
+            f"The script wrote more than spec.output.maxBytes ({req.max_output_bytes} bytes) and was killed."
+        )
+    elif isinstance(code, int):
         outcome.kind, outcome.exit_code, outcome.signal = Kind.EXITED, code, result.get("signal")
+        outcome.oom_killed = bool(result.get("oomKilled"))
     else:
         outcome.kind = Kind.STREAM_BROKEN
         outcome.message = f"The script's exit status is unknown: {result.get('error') or 'no exit code'}."
     return outcome
 
 
-async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asyncio.Event) -> None:
-    op = "run"
+async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asyncio.Event, op: str) -> None:
     broken_since: float | None = None
     failures = 0
     while True:
@@ -278,10 +330,12 @@ async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asy
         if session.result is not None:
             return
         now = session.loop.time()
-        if now >= session.deadline():
-            raise session.expired()
-        if not session.outcome.started and op == "run":
-            if not session.outcome.accepted and _interpreter_missing(problem):
+        if now >= session.attempt_deadline():
+            expired = session.expired()
+            if isinstance(expired, _Ended):
+                raise expired
+        if op == "run" and not session.outcome.accepted:
+            if _interpreter_missing(problem):
                 # A configuration error, not a sick pod: retrying or restarting cannot help.
                 raise _Ended(
                     Kind.FAILED,
@@ -289,8 +343,8 @@ async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asy
                     f"in container {session.req.target.container}: {problem}",
                     "ExecError",
                 )
-            raise _Ended(Kind.CONNECT_FAILED, problem)
-        # The script started but its stream ended early: follow it again.
+            raise _Ended(Kind.EXEC_ERROR, problem)
+        # The agent claimed the attempt (or this is a follow) but the stream ended early: follow it again.
         broken_since = broken_since if broken_since is not None else now
         if now - broken_since > session.limits.reattach_window:
             raise _Ended(
@@ -324,16 +378,23 @@ async def _stream_or_lost(api: client.ApiClient, session: _Session, op: str, los
     lost_wait = asyncio.ensure_future(lost.wait())
     try:
         await asyncio.wait({stream, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not stream.done():
+            # Gone or ended: a result already on its way may still arrive; the stream ends with the container.
+            await asyncio.wait({stream}, timeout=LOST_GRACE_SECONDS)
     finally:
         lost_wait.cancel()
     if not stream.done():
         stream.cancel()
         await asyncio.gather(stream, return_exceptions=True)
-        raise _Ended(Kind.POD_LOST, f"Pod {session.req.target.pod} was deleted while the script ran.")
+    if lost.is_set() and session.result is None:
+        raise _Ended(Kind.POD_LOST, f"Pod {session.req.target.pod} or its container is gone.")
     try:
         status = stream.result()
     except TimeoutError:
-        raise session.expired() from None
+        expired = session.expired()
+        if isinstance(expired, _Ended):
+            raise expired from None
+        return f"the exec stream was silent for {STREAM_SILENCE_SECONDS:g}s (no heartbeat)"
     except (ExecError, AgentProtocolError) as e:
         return str(e)
     if session.result is not None:

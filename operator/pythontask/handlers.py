@@ -3,29 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import kopf
 
+from .config import Settings
 from .kube import make_api_client
 from .registry import Registry
-from .runner import Context, Settings
+from .runner import Context
 from .spec import GROUP, PLURAL, VERSION
-
-
-def settings_from_env() -> Settings:
-    defaults = Settings()
-    return Settings(
-        state_dir=os.environ.get("PYTHONTASK_STATE_DIR", defaults.state_dir),
-        kill_grace_seconds=float(
-            os.environ.get("PYTHONTASK_KILL_GRACE_SECONDS", defaults.kill_grace_seconds)
-        ),
-        max_attempts_in_flight=int(
-            os.environ.get("PYTHONTASK_MAX_IN_FLIGHT", defaults.max_attempts_in_flight)
-        ),
-        max_connecting=int(os.environ.get("PYTHONTASK_MAX_CONNECTING", defaults.max_connecting)),
-    )
 
 
 @kopf.on.login()
@@ -40,9 +26,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
-    operator_settings = settings_from_env()
+    settings.networking.connect_timeout = 10
+    operator_settings = Settings.from_env()
     # Every attempt in flight holds an exec connection; leave room for watches and status writes.
-    api = await make_api_client(connections=operator_settings.max_attempts_in_flight + 128)
+    api = await make_api_client(
+        connections=operator_settings.max_attempts_in_flight + 128,
+        request_timeout=operator_settings.request_timeout_seconds,
+    )
     memo["registry"] = Registry(Context.create(api, operator_settings))
 
 

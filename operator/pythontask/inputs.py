@@ -27,9 +27,14 @@ class ResolvedInputs:
     secret_values: frozenset[str]
 
     def mask(self, text: str) -> str:
-        for value in sorted(self.secret_values, key=len, reverse=True):
-            text = text.replace(value, MASK)
-        return text
+        return mask(text, self.secret_values)
+
+
+def mask(text: str, values: frozenset[str]) -> str:
+    """Every Secret value in `text` replaced by MASK (longest first, so no value leaks a part of another)."""
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, MASK)
+    return text
 
 
 class Inputs:

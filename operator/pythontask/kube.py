@@ -1,4 +1,8 @@
-"""Access to the Kubernetes API: the client, and the few PythonTask calls the operator makes."""
+"""Access to the Kubernetes API: the client, and the few PythonTask calls the operator makes.
+
+kubernetes_asyncio waits forever unless a call passes `_request_timeout`: the client made here gives
+every request a bound (watches pass their own, longer one).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from .spec import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT_SECONDS = 30.0
 
 
-async def make_api_client(connections: int = 256) -> client.ApiClient:
+async def make_api_client(
+    connections: int = 256, request_timeout: float = REQUEST_TIMEOUT_SECONDS
+) -> client.ApiClient:
     """In a pod: its service account. Elsewhere: KUBECONFIG or ~/.kube/config.
 
     `connections` bounds the connection pool; every exec in flight holds one for its whole attempt."""
@@ -24,7 +31,20 @@ async def make_api_client(connections: int = 256) -> client.ApiClient:
     else:
         await config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = connections
-    return client.ApiClient(configuration)
+    api = client.ApiClient(configuration)
+    bound_requests(api, request_timeout)
+    return api
+
+
+def bound_requests(api: client.ApiClient, seconds: float) -> None:
+    """Every request without its own `_request_timeout` gets `seconds` in total."""
+    rest = api.rest_client
+    unbounded: Any = rest.request
+
+    async def request(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return await unbounded(*args, _request_timeout=_request_timeout or seconds, **kwargs)
+
+    rest.request = request  # type: ignore[method-assign]
 
 
 def is_not_found(error: BaseException) -> bool:
@@ -55,9 +75,15 @@ class Tasks:
         )
         return result
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
+        """A merge patch of the status; with `resource_version`, refused (409) if the object changed since."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         result: dict[str, Any] = await self._custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
+            GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
         )  # type: ignore[call-arg]
         return result
 

@@ -22,18 +22,20 @@ EXEC_FAILURES_BEFORE_RESTART = 2
 
 
 class Kind(StrEnum):
-    """How an attempt ended."""
+    """How an attempt ended. Values are the status reasons (EXITED and FAILED are refined by classify)."""
 
     EXITED = "Exited"  # the script's exit status is known
-    CONNECT_FAILED = "ExecError"  # exec refused or broke before the script started
+    EXEC_ERROR = "ExecError"  # exec refused or broke before the script started
     CONNECT_TIMEOUT = "ConnectTimeout"
+    NOT_STARTED = "NotStarted"  # stopped (tombstoned) before its script started: it never ran
     HANG = "Hang"  # no output for `timeouts.idle`
     ATTEMPT_TIMEOUT = "AttemptTimeout"
     DEADLINE = "DeadlineExceeded"  # `timeouts.total` ran out during the attempt
-    POD_LOST = "PodLost"  # deleted, evicted, node gone
+    POD_LOST = "PodLost"  # the pod is gone (deleted, evicted, node gone) and the script with it
+    CONTAINER_RESTARTED = "ContainerRestarted"  # the container instance that ran it died
     POD_NOT_READY = "PodNotReady"  # went NotReady mid-run, or never became Ready again
     STREAM_BROKEN = "StreamBroken"  # the script could not be followed to its end
-    FAILED = "Failed"  # a final failure found before running (bad input): never retried
+    FAILED = "Failed"  # a final failure found before running (bad input, environment): never retried
 
 
 class OnHang(StrEnum):
@@ -86,10 +88,16 @@ class Policy:
 
 @dataclass(frozen=True)
 class AttemptRecord:
+    """An attempt as status records it before its script starts: where, and in which container instance."""
+
     number: int
     id: str
     pod: str
     start: float
+    pod_uid: str = ""
+    container: str = ""
+    container_id: str = ""  # the container instance (runtime id); a new one means the old one died
+    restart_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,12 +190,12 @@ def _final(state: TaskState, phase: Phase, reason: str, message: str, exit_code:
 
 def classify(outcome: Outcome) -> str:
     """The status reason for an attempt's outcome."""
+    if outcome.oom_killed and not (outcome.kind is Kind.EXITED and outcome.exit_code == 0):
+        return str(Reason.OOM_KILLED)  # the script alone (exit 137), or the whole container
     if outcome.kind is Kind.EXITED:
         assert outcome.exit_code is not None
         if outcome.exit_code == 0:
             return str(Reason.COMPLETED)
-        if outcome.oom_killed:
-            return str(Reason.OOM_KILLED)
         if outcome.signal:
             return str(Reason.KILLED)
         return str(Reason.NON_ZERO_EXIT_CODE)
@@ -241,7 +249,7 @@ def end(
 
 
 def _exec_failures(state: TaskState, outcome: Outcome, pod: str) -> tuple[str, int]:
-    if outcome.kind not in (Kind.CONNECT_FAILED, Kind.CONNECT_TIMEOUT):
+    if outcome.kind not in (Kind.EXEC_ERROR, Kind.CONNECT_TIMEOUT):
         return ("", 0)
     last_pod, count = state.exec_failures
     return (pod, count + 1 if last_pod == pod else 1)

@@ -1,8 +1,9 @@
 """The pods of each namespace with active tasks, kept current by one list+watch (an informer).
 
 Picking a pod reads the cache (no request per task); waiting for a Ready pod waits for the cache to
-change; an attempt learns that its pod was deleted, or replaced, even while its script is silent. The
-watch runs while at least one task of the namespace is active and stops after the last one ends.
+change; an attempt learns that its pod is gone or its container instance ended (attempt_fate) even while
+its script is silent. The watch runs while at least one task of the namespace is active and stops after
+the last one ends.
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import structlog
 from kubernetes_asyncio import client, watch
 
+from . import attempt_fate
+from .machine import AttemptRecord
+
 log = structlog.get_logger(__name__)
 RELIST_DELAY_SECONDS = 1.0
+WATCH_SECONDS = 300
+# A watch silent for this long (no event, no bookmark) is presumed half-open: list again.
+WATCH_SILENCE_SECONDS = 120
 
 
 class NamespacePods:
@@ -28,7 +36,7 @@ class NamespacePods:
         self.pods: dict[str, Any] = {}
         self.synced = asyncio.Event()
         self._changed = asyncio.Event()
-        self._lost: dict[str, list[asyncio.Event]] = {}  # one event per watching attempt
+        self._watchers: list[tuple[AttemptRecord, asyncio.Event]] = []  # one per attempt in flight
         self.users = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -41,30 +49,27 @@ class NamespacePods:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), at_most)
 
-    def lost(self, uid: str) -> asyncio.Event:
-        """Set once the pod with this uid is deleting or gone."""
+    def lost(self, record: AttemptRecord) -> asyncio.Event:
+        """Set once the recorded attempt's pod is gone or its container instance has ended."""
         event = asyncio.Event()
-        self._lost.setdefault(uid, []).append(event)
-        if self.synced.is_set() and not self._alive(uid):
-            event.set()
+        self._watchers.append((record, event))
+        if self.synced.is_set():
+            self._check(record, event)
         return event
 
-    def release_lost(self, uid: str, event: asyncio.Event) -> None:
-        events = self._lost.get(uid, [])
-        if event in events:
-            events.remove(event)
-        if not events:
-            self._lost.pop(uid, None)
+    def release_lost(self, event: asyncio.Event) -> None:
+        self._watchers = [(r, e) for r, e in self._watchers if e is not event]
 
-    def _alive(self, uid: str) -> bool:
-        pod = self.pods.get(uid)
-        return pod is not None and pod.metadata.deletion_timestamp is None
+    def fate(self, record: AttemptRecord) -> attempt_fate.Fate:
+        return attempt_fate.judge(record, self.pods.get(record.pod_uid))
+
+    def _check(self, record: AttemptRecord, event: asyncio.Event) -> None:
+        if self.fate(record).lost:
+            event.set()
 
     def _notify(self) -> None:
-        for uid, events in self._lost.items():
-            if not self._alive(uid):
-                for event in events:
-                    event.set()
+        for record, event in self._watchers:
+            self._check(record, event)
         # Wake every waiter once, then start a fresh event for the next change.
         self._changed.set()
         self._changed = asyncio.Event()
@@ -81,7 +86,9 @@ class NamespacePods:
                     self._core.list_namespaced_pod,
                     self.namespace,
                     resource_version=listing.metadata.resource_version,
-                    timeout_seconds=300,
+                    timeout_seconds=WATCH_SECONDS,
+                    allow_watch_bookmarks=True,
+                    _request_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=WATCH_SILENCE_SECONDS),
                 ):
                     pod = event["object"]
                     if event["type"] == "DELETED":
@@ -120,14 +127,14 @@ class PodCache:
                     view.task.cancel()
 
     @contextlib.asynccontextmanager
-    async def watching(self, namespace: str, pod_uid: str) -> AsyncIterator[asyncio.Event]:
-        """An event set once the pod with this uid is deleting or gone."""
+    async def watching(self, namespace: str, record: AttemptRecord) -> AsyncIterator[asyncio.Event]:
+        """An event set once the recorded attempt's pod is gone or its container instance has ended."""
         async with self.using(namespace) as view:
-            event = view.lost(pod_uid)
+            event = view.lost(record)
             try:
                 yield event
             finally:
-                view.release_lost(pod_uid, event)
+                view.release_lost(event)
 
     async def close(self) -> None:
         for view in self._namespaces.values():

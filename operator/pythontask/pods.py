@@ -8,6 +8,7 @@ import copy
 import random
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,8 +25,19 @@ from .status import Reason
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 TASK_UID_LABEL = "pythontask.dev/task-uid"
 TASK_NAME_LABEL = "pythontask.dev/task"
-# Keeps a template container without a command alive (and quick to stop) so exec can enter it.
-IDLE_PROGRAM = "import signal,sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); signal.pause()"
+# PID 1 of a template container without a command: keeps it alive for exec, stops at once on SIGTERM, and
+# reaps every orphan the container's processes leave (a PID 1 that never reaps collects zombies).
+IDLE_PROGRAM = (
+    "import os,signal,sys\n"
+    "def reap(*_):\n"
+    " while True:\n"
+    "  try:\n"
+    "   if os.waitpid(-1,os.WNOHANG)[0]==0: return\n"
+    "  except ChildProcessError: return\n"
+    "signal.signal(signal.SIGCHLD,reap)\n"
+    "signal.signal(signal.SIGTERM,lambda *_: sys.exit(0))\n"
+    "while True: signal.pause()\n"
+)
 log = structlog.get_logger(__name__)
 
 
@@ -33,6 +45,35 @@ def is_ready(pod: Any) -> bool:
     if pod.metadata.deletion_timestamp is not None or pod.status is None or pod.status.phase != "Running":
         return False
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+@dataclass(frozen=True)
+class ContainerInstance:
+    """One run of a container, as the pod's status shows it: a restart gives a new id."""
+
+    id: str  # the runtime's container id; "" before the container has started
+    restarts: int
+    running: bool
+    terminated_reason: str = ""  # this instance ended (and was not restarted yet), e.g. OOMKilled
+    last_terminated_id: str = ""  # the previous instance, once it has ended
+    last_terminated_reason: str = ""  # e.g. OOMKilled, Error, Completed
+
+
+def container_instance(pod: Any, name: str) -> ContainerInstance:
+    for cs in (pod.status and pod.status.container_statuses) or []:
+        if cs.name != name:
+            continue
+        last = cs.last_state.terminated if cs.last_state else None
+        ended = cs.state.terminated if cs.state else None
+        return ContainerInstance(
+            id=cs.container_id or "",
+            restarts=cs.restart_count or 0,
+            running=bool(cs.state and cs.state.running),
+            terminated_reason=(ended.reason or "Terminated") if ended else "",
+            last_terminated_id=(last.container_id or "") if last else "",
+            last_terminated_reason=(last.reason or "") if last else "",
+        )
+    return ContainerInstance("", 0, running=False)
 
 
 def pick_container(pod: Any, wanted: str | None) -> str:
@@ -204,16 +245,15 @@ class Pods:
             raise
 
     async def current(self, namespace: str, name: str, uid: str) -> Any:
-        """The pod as the apiserver has it now, or None once it is gone, deleting, or replaced (new uid)."""
+        """The pod as the apiserver has it now, or None once it is gone or replaced (new uid). A pod being
+        deleted is still returned: its containers live on for the grace period, and so may a script."""
         try:
             pod: Any = await self._core.read_namespaced_pod(name, namespace)
         except ApiException as e:
             if is_not_found(e):
                 return None
             raise
-        if pod.metadata.uid != uid or pod.metadata.deletion_timestamp is not None:
-            return None
-        return pod
+        return pod if pod.metadata.uid == uid else None
 
     async def delete(self, pod: Any) -> None:
         """Deletes exactly this pod (uid precondition), if it still exists."""

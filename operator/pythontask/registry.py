@@ -1,8 +1,14 @@
 """Which PythonTasks have a runner, fed by watch events. The one place that starts and stops runners.
 
-A task gets a runner when it has no final status for its generation and rerun token. A new generation
-replaces the runner (the old attempt is killed first). Deletion cancels the runner, which kills the
-script, and only then is the finalizer released.
+A task gets a runner when it has no final status for its generation and rerun token. A newer generation
+replaces the runner (the old attempt is killed and confirmed gone first); an older one (a stale event)
+changes nothing. Deletion stops the runner, which kills the script, and only then is the finalizer
+released. Every failure (a runner that raised, a finalization that could not finish) is tried again
+with exponential backoff, until it succeeds or the task reaches a final status.
+
+Why not kopf daemons: a daemon per object would tie a script's life to kopf's view of the object, and
+kopf stops daemons on filter mismatch or deletion by cancelling them; here the stop reason decides
+whether a script is killed (deleted, spec changed) or left running to be followed (operator exiting).
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from typing import Any
 import structlog
 
 from . import status as st
+from .exec_client import ExecTarget
 from .kube import is_not_found
-from .runner import FINALIZER, Context, TaskRunner, kill_attempt, rerun_token
+from .runner import FINALIZER, Context, StopReason, TaskRunner, rerun_token, settle, task_dir
+from .state_codec import record_from_status
 
-RETRY_AFTER_ERROR_SECONDS = 5.0
+BACKOFF_INITIAL_SECONDS = 5.0
+BACKOFF_MAX_SECONDS = 300.0
 log = structlog.get_logger(__name__)
 
 
@@ -28,8 +37,8 @@ class Running:
     runner: TaskRunner
     task: asyncio.Task[None]
 
-    def abandon(self) -> None:
-        self.runner.abandon(self.task)
+    def stop(self, reason: StopReason) -> None:
+        self.runner.stop(self.task, reason)
 
 
 def _key(body: dict[str, Any]) -> tuple[int, str]:
@@ -42,17 +51,23 @@ class Registry:
         self.running: dict[str, Running] = {}
         # (generation, rerun token) whose final status we wrote: a stale event must not restart them.
         self.completed: dict[str, tuple[int, str]] = {}
+        self.failures: dict[str, int] = {}  # consecutive failures per task, for backoff
         self._finalizing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+
+    def backoff(self, uid: str) -> float:
+        failures = self.failures.get(uid, 0)
+        return float(min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** max(0, failures - 1)))
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         uid = meta["uid"]
         if event_type == "DELETED":
             self.completed.pop(uid, None)
+            self.failures.pop(uid, None)
             running = self.running.get(uid)
             if running:
-                running.abandon()
+                running.stop(StopReason.DELETED)
             return
         if meta.get("deletionTimestamp"):
             if FINALIZER in (meta.get("finalizers") or []) and uid not in self._finalizing:
@@ -60,6 +75,9 @@ class Registry:
                 self._spawn(self._finalize(body))
             return
         key = _key(body)
+        running = self.running.get(uid)
+        if running and key[0] < running.generation:
+            return  # a stale event or read: a newer generation already runs
         finished_here = self.completed.get(uid) == key
         if st.is_done_for(body.get("status") or {}, *key) or finished_here:
             self.completed[uid] = key
@@ -69,14 +87,13 @@ class Registry:
             if FINALIZER in (meta.get("finalizers") or []) and uid not in self.running and not finished_here:
                 self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False))
             return
-        running = self.running.get(uid)
         if running and (running.generation, running.token) == key:
             return
         if running:
             log.info(
                 "spec or rerun changed: replacing the attempt", task=meta["name"], namespace=meta["namespace"]
             )
-            running.abandon()
+            running.stop(StopReason.SPEC_CHANGED)
         self._start(body, previous=running.task if running else None)
 
     def _start(self, body: dict[str, Any], previous: asyncio.Task[None] | None) -> None:
@@ -86,7 +103,7 @@ class Registry:
 
         async def run() -> None:
             if previous is not None:
-                await asyncio.wait([previous])  # its cancellation kills the old attempt first
+                await asyncio.wait([previous])  # its cancellation kills (and confirms) the old attempt first
             await runner.run()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
@@ -104,27 +121,33 @@ class Registry:
         error = task.exception()
         if error is None:
             self.completed[uid] = key
+            self.failures.pop(uid, None)
             return
+        self.failures[uid] = self.failures.get(uid, 0) + 1
         meta = body["metadata"]
+        delay = self.backoff(uid)
         log.error(
             "runner failed; will look again",
             task=meta["name"],
             namespace=meta["namespace"],
             error=f"{type(error).__name__}: {error}",
+            retry_in=delay,
         )
-        self._spawn(self._look_again(meta["namespace"], meta["name"]))
+        self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay))
 
-    async def _look_again(self, namespace: str, name: str) -> None:
-        await asyncio.sleep(RETRY_AFTER_ERROR_SECONDS)
+    async def _look_again(self, namespace: str, name: str, uid: str, delay: float) -> None:
+        await asyncio.sleep(delay)
         try:
             body = await self.ctx.tasks.get(namespace, name)
         except Exception as e:
             if is_not_found(e):
                 return
+            self.failures[uid] = self.failures.get(uid, 0) + 1
             log.error("cannot read task", task=name, namespace=namespace, error=str(e))
-            self._spawn(self._look_again(namespace, name))
+            self._spawn(self._look_again(namespace, name, uid, self.backoff(uid)))
             return
-        self.observe("MODIFIED", body)
+        if body["metadata"]["uid"] == uid and uid not in self.running:
+            self.observe("MODIFIED", body)
 
     async def _finalize(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -132,21 +155,42 @@ class Registry:
         try:
             running = self.running.get(uid)
             if running:
-                running.abandon()
+                running.stop(StopReason.DELETED)
                 await asyncio.wait([running.task])
+                record = running.runner.state.current
             else:
                 # Deleted while the operator was away: the recorded attempt may still be running.
                 current = (body.get("status") or {}).get("currentAttempt")
-                if current:
-                    await kill_attempt(self.ctx, body, current)
+                record = record_from_status(current) if current else None
+            if record is not None:
+                # Confirmed gone (again, if the runner did it: then this costs one quick exec).
+                await settle(self.ctx, body, record, str(StopReason.DELETED))
+            self._purge(body)
             await self.ctx.tasks.set_finalizer(body, FINALIZER, False)
+            self.failures.pop(uid, None)
             log.info("finalizer released", task=meta["name"], namespace=meta["namespace"])
         except Exception as e:
-            if not is_not_found(e):
-                log.error("finalizing failed", task=meta["name"], error=str(e))
-                raise
+            if is_not_found(e):
+                return
+            self.failures[uid] = self.failures.get(uid, 0) + 1
+            delay = self.backoff(uid)
+            log.error("finalizing failed; will try again", task=meta["name"], error=str(e), retry_in=delay)
+            self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay))
         finally:
             self._finalizing.discard(uid)
+
+    def _purge(self, body: dict[str, Any]) -> None:
+        """A deleted task runs no more: its whole directory goes, tombstones included, wherever it ran."""
+        status = body.get("status") or {}
+        current = status.get("currentAttempt") or {}
+        pod, container = (
+            current.get("pod") or status.get("pod"),
+            current.get("container") or status.get("container"),
+        )
+        if pod and container:
+            target = ExecTarget(body["metadata"]["namespace"], pod, container)
+            python = list((body.get("spec") or {}).get("python") or ["python3"])
+            self.ctx.janitor.forget_task(target, python, task_dir(self.ctx.settings, body))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -156,6 +200,6 @@ class Registry:
     async def close(self) -> None:
         """Operator shutdown: stop following, but leave the scripts running (followed after restart)."""
         for running in list(self.running.values()):
-            running.task.cancel()
+            running.stop(StopReason.SHUTDOWN)
         for task in list(self._background):
             task.cancel()

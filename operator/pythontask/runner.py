@@ -1,52 +1,56 @@
 """Runs one PythonTask generation to a final status, attempt after attempt, as the machine decides.
 
-Crash safety rests on two facts: status records an attempt (id, pod) *before* its script starts, and
-the agent starts an attempt directory at most once. After a restart the recorded attempt is sent again:
-the agent then follows the script it started before (or starts it if it never did), never a second run.
-The machine's state lives in status, so a restart resumes exactly where status says.
+The attempt protocol (docs/design.md walks through it with the crash point after every write):
+1. status records the attempt (a deterministic id, the pod, the container instance) under a
+   resourceVersion precondition, before anything runs;
+2. the agent claims the attempt's directory at most once; a kill that comes first leaves a tombstone
+   that makes a later start impossible;
+3. an attempt that ends without a result is settled before anything else: its script is confirmed
+   killed (or never started), or its pod or container instance is gone;
+4. status records the outcome (fenced again), and only then are the attempt's files removed.
+After a restart the recorded attempt is judged against its pod (attempt_fate): followed in the same
+container instance (and started there only if it never started), or lost, and never started elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import structlog
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import exec_wire, machine
+from . import attempt_fate, exec_wire, machine
 from . import status as st
 from .agent_ops import agent_call
 from .agent_protocol import Message
 from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
+from .config import Settings
 from .events import Events
 from .exec_client import ExecError, ExecTarget
 from .failures import TaskFailure
-from .inputs import Inputs, ResolvedInputs
+from .inputs import Inputs, ResolvedInputs, mask
 from .janitor import Janitor
-from .kube import Tasks
+from .kube import Tasks, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
-from .pods import Pods, is_ready, pick_container, pod_facts
+from .pods import Pods, container_instance, is_ready, pick_container, pod_facts
 from .spec import PythonTaskSpec
+from .state_codec import attempt_id, state_from_status, status_of
 
 FINALIZER = "pythontask.dev/finalizer"
 RERUN_ANNOTATION = "pythontask.dev/rerun"
-# Test-only fault injection: exit hard right after an attempt is recorded, before its exec starts.
+# Test-only fault injection (named in docs/design.md): exit hard right after an attempt is recorded,
+# before its exec starts, to prove that crash point.
 CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
+FENCE_RETRIES = 5
+SETTLE_BACKOFF_MAX_SECONDS = 30.0
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    state_dir: str = "/tmp/pythontask"
-    kill_grace_seconds: float = 5.0
-    max_attempts_in_flight: int = 1000
-    max_connecting: int = 32  # attempts starting at once; more only queue up in the apiserver and kubelet
 
 
 @dataclass
@@ -80,13 +84,29 @@ class Context:
         )
 
 
+class StopReason(StrEnum):
+    """Why a runner is stopped from outside; decides what happens to a script in flight."""
+
+    DELETED = "TaskDeleted"  # kill it (confirmed), then the finalizer is released
+    SPEC_CHANGED = "SpecChanged"  # kill it (confirmed), then the new generation runs
+    SHUTDOWN = "OperatorExiting"  # leave it running: it is followed after the restart
+
+
+class Superseded(Exception):
+    """The task changed under this runner (a newer generation, another writer): stop, look again."""
+
+
 def rerun_token(body: dict[str, Any]) -> str:
     return str((body["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION, ""))
 
 
-def attempt_dir(settings: Settings, body: dict[str, Any], attempt_id: str) -> str:
+def task_dir(settings: Settings, body: dict[str, Any]) -> str:
+    return f"{settings.state_dir}/{body['metadata']['uid']}"
+
+
+def attempt_dir(settings: Settings, body: dict[str, Any], attempt: str) -> str:
     """Where the agent keeps an attempt in the container: one directory per task, one below per attempt."""
-    return f"{settings.state_dir}/{body['metadata']['uid']}/{attempt_id}"
+    return f"{task_dir(settings, body)}/{attempt}"
 
 
 def python_of(body: dict[str, Any]) -> list[str]:
@@ -94,58 +114,19 @@ def python_of(body: dict[str, Any]) -> list[str]:
     return list(python) if python else ["python3"]
 
 
-def state_from_status(status: dict[str, Any]) -> machine.TaskState:
-    """The machine's state as status recorded it (empty for a new generation or rerun)."""
-    if not status:
-        return machine.TaskState()
-    current = status.get("currentAttempt")
-    history = tuple(
-        machine.HistoryEntry(
-            attempt=h["attempt"],
-            pod=h.get("pod", ""),
-            start=st.parse_iso(h["startTime"]),
-            end=st.parse_iso(h["completionTime"]),
-            reason=h.get("reason", ""),
-            exit_code=h.get("exitCode"),
-        )
-        for h in status.get("history") or []
+def _fence_key(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What must not have changed for this runner's next status write to be still its own."""
+    status = body.get("status") or {}
+    current = status.get("currentAttempt") or {}
+    return (
+        body["metadata"].get("generation"),
+        rerun_token(body),
+        status.get("observedGeneration"),
+        status.get("rerunToken"),
+        status.get("attempts"),
+        current.get("id"),
+        status.get("phase"),
     )
-    phase = (
-        st.Phase(status["phase"])
-        if status.get("phase") in st.Phase.__members__.values()
-        else st.Phase.PENDING
-    )
-    return machine.TaskState(
-        attempts=int(status.get("attempts") or 0),
-        current=machine.AttemptRecord(
-            current["number"], current["id"], current["pod"], st.parse_iso(current["startTime"])
-        )
-        if current
-        else None,
-        history=history,
-        phase=st.Phase.RUNNING if current else phase,
-        next_retry_at=st.parse_iso(status["nextRetryTime"]) if status.get("nextRetryTime") else None,
-        exit_code=status.get("exitCode"),
-        reason=status.get("reason", ""),
-        message=status.get("message", ""),
-        started_at=st.parse_iso(status["startTime"]) if status.get("startTime") else None,
-    )
-
-
-def history_status(state: machine.TaskState) -> list[dict[str, Any]]:
-    out = []
-    for h in state.history:
-        entry: dict[str, Any] = {
-            "attempt": h.attempt,
-            "pod": h.pod,
-            "startTime": st.iso(h.start),
-            "completionTime": st.iso(h.end),
-            "reason": h.reason,
-        }
-        if h.exit_code is not None:
-            entry["exitCode"] = h.exit_code
-        out.append(entry)
-    return out
 
 
 class TaskRunner:
@@ -158,25 +139,25 @@ class TaskRunner:
         self.generation: int = meta.get("generation", 1)
         self.token = rerun_token(body)
         self.log = log.bind(task=self.name, namespace=self.namespace, generation=self.generation)
-        # The attempt in flight, as recorded in status: what to kill if the task is abandoned.
-        self.current: dict[str, Any] | None = None
-        self.abandoned = False
+        self.state = machine.TaskState()  # as last written to status
+        self.stop_reason: StopReason | None = None
         self.template_pods: dict[str, Any] = {}  # by uid: the pods this task created, to delete at the end
-        self.last_attempt: dict[str, Any] | None = None  # the ended attempt whose files remain
+        self.last: AttemptOutcome | None = None  # the last attempt's outcome: its output goes into status
+        self.last_record: machine.AttemptRecord | None = None  # ...and where its files are
         self.view: NamespacePods | None = None
+        self._fence = _fence_key(body)
 
-    def abandon(self, task: asyncio.Task[None]) -> None:
-        """Stop for good (task deleted, or spec changed): the script is killed, not left running.
-        A plain cancellation (operator shutdown) leaves it running, to be followed after restart."""
-        self.abandoned = True
+    def stop(self, task: asyncio.Task[None], reason: StopReason) -> None:
+        self.stop_reason = reason
         task.cancel()
 
     async def run(self) -> None:
         try:
             await self._run()
         except asyncio.CancelledError:
-            if self.abandoned and self.current:
-                await asyncio.shield(kill_attempt(self.ctx, self.body, self.current))
+            current = self.state.current
+            if self.stop_reason in (StopReason.DELETED, StopReason.SPEC_CHANGED) and current is not None:
+                await asyncio.shield(settle(self.ctx, self.body, current, str(self.stop_reason)))
             raise
 
     async def _run(self) -> None:
@@ -184,29 +165,31 @@ class TaskRunner:
             spec = PythonTaskSpec.model_validate(self.body.get("spec") or {})
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            await self._patch_final(
-                st.Phase.FAILED, st.Reason.INVALID_SPEC, f"The spec is invalid: {problems}"
+            final = machine.give_up(
+                machine.TaskState(), st.Reason.INVALID_SPEC, f"The spec is invalid: {problems}", 0
             )
+            await self._write_final(spec=None, state=final)
             return
         # The namespace's pods stay cached (one watch) while this task is active.
         async with self.ctx.pod_cache.using(self.namespace) as view:
             self.view = view
             self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
-            prior = self._prior_status()
-            state = state_from_status(prior)
+            self._fence = _fence_key(self.body)
+            state = state_from_status(self._prior_status())
             if state.started_at is None:
                 state = replace(state, started_at=time.time())
+            self.state = state
             policy = spec.policy()
-            last: tuple[AttemptOutcome | None, ResolvedInputs | None] = (None, None)
             while not state.terminal:
                 try:
-                    state, last = await self._step(spec, policy, state)
+                    state = await self._step(spec, policy, state)
                 except TaskFailure as failure:
-                    if self.current is not None:  # abandoning a recorded attempt: kill what it started
-                        await kill_attempt(self.ctx, self.body, self.current)
-                        self.current = None
+                    current = state.current
+                    if current is not None:  # abandoning a recorded attempt: make sure it cannot run
+                        await settle(self.ctx, self.body, current, failure.reason)
                     state = machine.give_up(state, failure.reason, failure.message, time.time())
-            await self._finish(spec, state, *last)
+                self.state = state
+            await self._write_final(spec, state)
 
     def _prior_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.body.get("status") or {}
@@ -216,17 +199,15 @@ class TaskRunner:
         )
         return status if same_run else {}
 
-    def _total_deadline(self, policy: machine.Policy, state: machine.TaskState) -> float | None:
+    @staticmethod
+    def _total_deadline(policy: machine.Policy, state: machine.TaskState) -> float | None:
         if policy.total is None or state.started_at is None:
             return None
         return state.started_at + policy.total
 
     async def _step(
-        self,
-        spec: PythonTaskSpec,
-        policy: machine.Policy,
-        state: machine.TaskState,
-    ) -> tuple[machine.TaskState, tuple[AttemptOutcome | None, ResolvedInputs | None]]:
+        self, spec: PythonTaskSpec, policy: machine.Policy, state: machine.TaskState
+    ) -> machine.TaskState:
         deadline = self._total_deadline(policy, state)
         if state.current is None:
             if state.next_retry_at is not None:
@@ -239,26 +220,14 @@ class TaskRunner:
             pod = await self._target_pod(spec, state, wait)
             container = pick_container(pod, spec.target.container)
             inputs = await self.ctx.inputs.resolve(self.namespace, spec)
-            state = await self._record_attempt(state, pod, container)
+            # The slot is taken before the attempt is recorded: a queued task is not Running.
+            async with self.ctx.slots:
+                state = await self._record_attempt(state, pod, container)
+                outcome = await self._attempt(spec, state, "run", inputs, deadline)
         else:
-            self.current = (self.body.get("status") or {}).get("currentAttempt") or self.current
-            assert self.current is not None
-            container = self.current["container"]
-            inputs = await self.ctx.inputs.resolve(self.namespace, spec)
-            pod = await self._recorded_pod(self.current)
-            self.log.info(
-                "following the recorded attempt", attempt=state.current.number, pod=self.current["pod"]
-            )
-        if pod is None:
-            outcome = AttemptOutcome(exec_wire.Tail(0), exec_wire.Tail(0), kind=machine.Kind.POD_LOST)
-            outcome.message = (
-                f"Pod {state.current.pod if state.current else ''} is gone; the attempt was lost with it."
-            )
-        else:
-            outcome = await self._attempt(
-                spec, state, pod=pod, container=container, inputs=inputs, deadline=deadline
-            )
-        return await self._conclude(spec, policy, state, pod, outcome), (outcome, inputs)
+            async with self.ctx.slots:
+                outcome = await self._resume(spec, state, deadline)
+        return await self._conclude(spec, policy, state, outcome)
 
     def _check_total(self, deadline: float | None) -> None:
         if deadline is not None and time.time() >= deadline:
@@ -266,78 +235,125 @@ class TaskRunner:
                 st.Reason.DEADLINE_EXCEEDED, "timeouts.total ran out before the script could run (again)."
             )
 
+    async def _resume(
+        self, spec: PythonTaskSpec, state: machine.TaskState, deadline: float | None
+    ) -> AttemptOutcome:
+        """The recorded attempt after a restart: follow it where it runs, start it only if it never started
+        in that same container instance, else it is lost (and settled, never started elsewhere)."""
+        record = state.current
+        assert record is not None
+        self.log.info("resuming the recorded attempt", attempt=record.number, pod=record.pod)
+        pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
+        fate = attempt_fate.judge(record, pod)
+        if fate.lost:
+            outcome = _ended(machine.Kind.POD_LOST, "")
+            outcome.sent = True  # a run may have reached the container: settle before anything else
+            return await self._settled(record, self._refine(outcome, fate), deadline)
+        outcome = await self._attempt(spec, state, "follow", None, deadline)
+        if outcome.missing:
+            # Same container instance, no trace of the attempt: it was recorded but never started.
+            inputs = await self.ctx.inputs.resolve(self.namespace, spec)
+            outcome = await self._attempt(spec, state, "run", inputs, deadline)
+        return outcome
+
     async def _attempt(
         self,
         spec: PythonTaskSpec,
         state: machine.TaskState,
-        *,
-        pod: Any,
-        container: str,
-        inputs: ResolvedInputs,
+        op: str,
+        inputs: ResolvedInputs | None,
         deadline: float | None,
     ) -> AttemptOutcome:
-        assert state.current is not None
+        record = state.current
+        assert record is not None
         loop = asyncio.get_running_loop()
         offset = loop.time() - time.time()  # wall-clock deadlines -> loop time
         limits = Limits(
             connect=spec.timeouts.connect_seconds,
             idle=spec.timeouts.idle_seconds,
-            attempt_deadline=state.current.start + spec.timeouts.attempt_seconds + offset,
+            attempt_deadline=record.start + spec.timeouts.attempt_seconds + offset,
             total_deadline=deadline + offset if deadline is not None else None,
             reattach_window=max(30.0, 2 * spec.timeouts.connect_seconds),
         )
         request = AttemptRequest(
-            target=ExecTarget(self.namespace, pod.metadata.name, container),
-            attempt_dir=attempt_dir(self.ctx.settings, self.body, state.current.id),
+            target=ExecTarget(self.namespace, record.pod, record.container),
+            attempt_dir=attempt_dir(self.ctx.settings, self.body, record.id),
             python=list(spec.python),
+            tail_bytes=spec.output.tail_bytes,
             args=list(spec.args),
             working_dir=spec.working_dir,
             inputs=inputs,
-            tail_bytes=spec.output.tail_bytes,
+            max_output_bytes=spec.output.max_bytes or self.ctx.settings.max_output_bytes,
             context_env={
                 "PYTHONTASK_TASK": self.name,
                 "PYTHONTASK_NAMESPACE": self.namespace,
-                "PYTHONTASK_ATTEMPT": str(state.current.number),
+                "PYTHONTASK_ATTEMPT": str(record.number),
             },
         )
         self.log.info(
-            "attempt starting", attempt=state.current.number, pod=pod.metadata.name, container=container
+            "attempt " + ("starting" if op == "run" else "followed"), attempt=record.number, pod=record.pod
         )
-        async with self.ctx.slots, self.ctx.pod_cache.watching(self.namespace, pod.metadata.uid) as lost:
-            with self.ctx.pods.running_on(pod):
-                outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting)
-        if outcome.script_may_be_running and self.current is not None:
-            await self._kill(outcome)
+        async with self.ctx.pod_cache.watching(self.namespace, record) as lost:
+            with self.ctx.pods.running_on(record.pod_uid):
+                outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting, op=op)
+        if inputs is not None:
+            outcome.mask |= inputs.secret_values
+        if outcome.kind in (machine.Kind.POD_LOST, machine.Kind.STREAM_BROKEN, machine.Kind.EXEC_ERROR):
+            pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
+            fate = attempt_fate.judge(record, pod)
+            if fate.lost:
+                outcome = self._refine(outcome, fate)
+            elif outcome.kind is machine.Kind.POD_LOST:  # a false alarm cannot end an attempt as lost
+                outcome.kind, outcome.message = machine.Kind.STREAM_BROKEN, "The exec stream ended early."
+        outcome = await self._settled(record, outcome, deadline)
         if outcome.kind in (machine.Kind.HANG, machine.Kind.STREAM_BROKEN) and not await self._still_ready(
-            pod
+            record
         ):
             outcome.kind = machine.Kind.POD_NOT_READY
-            outcome.message += f" Pod {pod.metadata.name} is not Ready."
+            outcome.message += f" Pod {record.pod} is not Ready."
         return outcome
 
-    async def _kill(self, outcome: AttemptOutcome) -> None:
-        assert self.current is not None
-        reply = await kill_attempt(self.ctx, self.body, self.current)
-        number = self.current["number"]
-        if not outcome.accepted and (reply is None or not reply.fields.get("wasRunning")):
-            return  # nothing had been started: nothing to report
-        if reply is not None and reply.fields.get("gone"):
+    @staticmethod
+    def _refine(outcome: AttemptOutcome, fate: attempt_fate.Fate) -> AttemptOutcome:
+        assert fate.kind is not None
+        outcome.kind, outcome.message, outcome.oom_killed = fate.kind, fate.message, fate.oom_killed
+        return outcome
+
+    async def _settled(
+        self, record: machine.AttemptRecord, outcome: AttemptOutcome, deadline: float | None
+    ) -> AttemptOutcome:
+        """Nothing follows an attempt that may still run until it is confirmed gone (killed, never
+        started, or its container gone). A retry never overlaps the script it replaces."""
+        if outcome.settled:
+            return outcome
+        reply = await settle(
+            self.ctx, self.body, record, str(outcome.kind), deadline=deadline, waiting=self._waiting_to_settle
+        )
+        if reply is None:
+            raise TaskFailure(
+                st.Reason.DEADLINE_EXCEEDED,
+                f"{outcome.message} timeouts.total ran out before attempt {record.number} could be confirmed "
+                f"gone from pod {record.pod}; it was not retried, so it never runs twice.".strip(),
+            )
+        if reply.fields.get("wasRunning"):
             how = "SIGKILL after SIGTERM" if reply.fields.get("forced") else "SIGTERM"
-            was = "" if reply.fields.get("wasRunning") else " (it had already ended)"
             await self.ctx.events.normal(
                 self.body,
                 "ScriptKilled",
-                f"Attempt {number} ({outcome.kind}): process group ended by {how}{was}.",
+                f"Attempt {record.number} ({outcome.kind}): process group ended by {how}.",
             )
-        else:
-            await self.ctx.events.warning(
-                self.body,
-                "KillFailed",
-                f"Attempt {number} ({outcome.kind}): could not confirm the script is gone.",
-            )
+        return outcome
 
-    async def _still_ready(self, pod: Any) -> bool:
-        fresh = await self.ctx.pods.current(self.namespace, pod.metadata.name, pod.metadata.uid)
+    async def _waiting_to_settle(self, record: machine.AttemptRecord, problem: str) -> None:
+        message = (
+            f"Attempt {record.number} may still be running in pod {record.pod} and could not be stopped yet "
+            f"({problem}); waiting to confirm it is gone before anything else runs."
+        )
+        self.log.warning("attempt not settled yet", attempt=record.number, problem=problem)
+        await self._write(st.Phase.RUNNING, st.Reason.RUNNING, message, self.state)
+
+    async def _still_ready(self, record: machine.AttemptRecord) -> bool:
+        fresh = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
         return fresh is not None and is_ready(fresh)
 
     async def _conclude(
@@ -345,48 +361,41 @@ class TaskRunner:
         spec: PythonTaskSpec,
         policy: machine.Policy,
         state: machine.TaskState,
-        pod: Any,
         outcome: AttemptOutcome,
     ) -> machine.TaskState:
-        assert state.current is not None
+        record = state.current
+        assert record is not None
         assert outcome.kind is not None
-        facts = pod_facts(pod, spec.target) if pod is not None else machine.PodFacts("", restartable=True)
-        number = state.current.number
+        pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
+        facts = (
+            pod_facts(pod, spec.target) if pod is not None else machine.PodFacts(record.pod, restartable=True)
+        )
         state, decision = machine.end(
-            state, state.current.id, outcome.to_machine(), pod=facts, policy=policy, now=time.time()
+            state, record.id, outcome.to_machine(), pod=facts, policy=policy, now=time.time()
         )
         assert decision is not None
-        self.last_attempt, self.current = self.current, None
-        self.log.info("attempt ended", attempt=number, kind=str(outcome.kind), action=str(decision.action))
-        if decision.action is machine.Action.RESTART_POD:
-            await self._restart_pod(pod, spec)
-            state = machine.pod_restarted(state)
+        self.last, self.last_record = outcome, record
+        self.log.info(
+            "attempt ended", attempt=record.number, kind=str(outcome.kind), action=str(decision.action)
+        )
+        if decision.action is machine.Action.RESTART_POD and pod is not None:
+            await self._restart_pod(pod)
+        state = machine.pod_restarted(state) if state.restart_pod else state
         if not state.terminal:
-            await self.ctx.events.warning(self.body, decision.reason, decision.message)
-            await self._patch(
-                st.Phase.RETRYING,
-                decision.reason,
-                decision.message,
-                attempts=state.attempts,
-                history=history_status(state),
-                nextRetryTime=st.iso(state.next_retry_at) if state.next_retry_at else None,
-                exitCode=outcome.exit_code,
-                currentAttempt=None,
-            )
-            self._forget_last_attempt()
+            message = mask(decision.message, outcome.mask)
+            await self.ctx.events.warning(self.body, decision.reason, message)
+            await self._write(st.Phase.RETRYING, decision.reason, message, state)
+            self._forget(record)
         return state
 
-    def _forget_last_attempt(self) -> None:
+    def _forget(self, record: machine.AttemptRecord) -> None:
         """Its outcome is in status now: its files in the container can go (batched, in the background)."""
-        attempt = self.last_attempt
-        if attempt is not None:
-            target = ExecTarget(self.namespace, attempt["pod"], attempt["container"])
-            self.ctx.janitor.forget(
-                target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, attempt["id"])
-            )
-            self.last_attempt = None
+        target = ExecTarget(self.namespace, record.pod, record.container)
+        self.ctx.janitor.forget(
+            target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, record.id)
+        )
 
-    async def _restart_pod(self, pod: Any, spec: PythonTaskSpec) -> None:
+    async def _restart_pod(self, pod: Any) -> None:
         owner = next((o for o in pod.metadata.owner_references or [] if o.controller), None)
         by = f"{owner.kind} {owner.name}" if owner else "this task"
         await self.ctx.events.warning(
@@ -395,9 +404,6 @@ class TaskRunner:
             f"Deleting pod {pod.metadata.name}; {by} will replace it, then the task retries.",
         )
         await self.ctx.pods.delete(pod)
-
-    async def _recorded_pod(self, recorded: dict[str, Any]) -> Any:
-        return await self.ctx.pods.current(self.namespace, recorded["pod"], recorded["podUID"])
 
     async def _target_pod(self, spec: PythonTaskSpec, state: machine.TaskState, wait: float) -> Any:
         pods = self.ctx.pods
@@ -422,107 +428,158 @@ class TaskRunner:
     async def _pending(self, message: str, state: machine.TaskState) -> None:
         phase = st.Phase.RETRYING if state.attempts else st.Phase.PENDING
         reason = state.reason if state.attempts else st.Reason.WAITING_FOR_POD
-        await self._patch(phase, reason, message, startTime=st.iso(state.started_at or time.time()))
+        await self._write(phase, reason, message, state)
 
     async def _record_attempt(self, state: machine.TaskState, pod: Any, container: str) -> machine.TaskState:
         now = time.time()
         number = state.attempts + 1
+        instance = container_instance(pod, container)
         record = machine.AttemptRecord(
-            number, f"g{self.generation}-a{number}-{secrets.token_hex(4)}", pod.metadata.name, now
+            number=number,
+            id=attempt_id(self.generation, self.token, number),
+            pod=pod.metadata.name,
+            start=now,
+            pod_uid=pod.metadata.uid,
+            container=container,
+            container_id=instance.id,
+            restart_count=instance.restarts,
         )
         state = machine.begin(state, record)
-        self.current = {
-            "number": number,
-            "id": record.id,
-            "pod": pod.metadata.name,
-            "podUID": pod.metadata.uid,
-            "container": container,
-            "startTime": st.iso(now),
-        }
-        await self._patch(
+        await self._write(
             st.Phase.RUNNING,
             st.Reason.RUNNING,
             f"Attempt {number} is running in pod {pod.metadata.name}, container {container}.",
-            attempts=number,
+            state,
             pod=pod.metadata.name,
             container=container,
-            startTime=st.iso(state.started_at or now),
             completionTime=None,
-            nextRetryTime=None,
-            exitCode=None,
             output=None,
             resources=None,
-            currentAttempt=self.current,
         )
+        self.state = state
         if os.environ.get(CRASH_AFTER_RECORD):
             os._exit(137)
         return state
 
-    async def _finish(
-        self,
-        spec: PythonTaskSpec,
-        state: machine.TaskState,
-        outcome: AttemptOutcome | None,
-        inputs: ResolvedInputs | None,
-    ) -> None:
-        fields: dict[str, Any] = {
-            "attempts": state.attempts,
-            "history": history_status(state),
-            "exitCode": state.exit_code,
-            "nextRetryTime": None,
-        }
-        if outcome is not None and inputs is not None:
-            fields["output"] = {
-                "stdout": inputs.mask(outcome.stdout.text()),
-                "stderr": inputs.mask(outcome.stderr.text()),
-                "stdoutBytes": outcome.stdout_bytes,
-                "stderrBytes": outcome.stderr_bytes,
-                "truncated": outcome.truncated,
-            }
-            if outcome.resources:
-                fields["resources"] = outcome.resources
-        message = inputs.mask(state.message) if inputs else state.message
-        await self._patch_final(state.phase, state.reason, message, **fields)
-        self._forget_last_attempt()
-        if spec.target.template is not None and not spec.target.keep_pod:
+    async def _write_final(self, spec: PythonTaskSpec | None, state: machine.TaskState) -> None:
+        fields: dict[str, Any] = {}
+        last = self.last
+        values = last.mask if last is not None else frozenset()
+        if last is not None:
+            fields["output"] = st.output_status(
+                stdout=mask(last.stdout.text(), values),
+                stderr=mask(last.stderr.text(), values),
+                stdout_bytes=last.stdout_bytes,
+                stderr_bytes=last.stderr_bytes,
+                truncated=last.truncated,
+            )
+            if last.resources:
+                fields["resources"] = last.resources
+        message = mask(state.message, values)
+        await self._write(state.phase, state.reason, message, state, **fields)
+        self.log.info(
+            "task finished", phase=str(state.phase), reason=str(state.reason), exit_code=state.exit_code
+        )
+        if state.phase is st.Phase.SUCCEEDED:
+            await self.ctx.events.normal(self.body, str(state.reason), message)
+        else:
+            await self.ctx.events.warning(self.body, str(state.reason), message)
+        self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
+        if self.last_record is not None:
+            self._forget(self.last_record)
+        if spec is not None and spec.target.template is not None and not spec.target.keep_pod:
             for pod in self.template_pods.values():
                 await self.ctx.pods.delete(pod)
 
-    async def _patch_final(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
-        await self._patch(phase, reason, message, **fields)
-        self.log.info("task finished", phase=str(phase), reason=str(reason), exit_code=fields.get("exitCode"))
-        if phase is st.Phase.SUCCEEDED:
-            await self.ctx.events.normal(self.body, str(reason), message)
+    async def _write(
+        self, phase: st.Phase, reason: str, message: str, state: machine.TaskState, **fields: Any
+    ) -> None:
+        """One status write, fenced: refused if the task changed since this runner last saw it. A change
+        that is not a status write (a label, an annotation) is re-read and the write tried again."""
+        for _ in range(FENCE_RETRIES):
+            patch = st.phase_patch(
+                phase,
+                reason,
+                message,
+                generation=self.generation,
+                rerun_token=self.token,
+                previous=self.body.get("status") or {},
+                **{**status_of(state), **fields},
+            )
+            try:
+                self.body = await self.ctx.tasks.patch_status(
+                    self.namespace,
+                    self.name,
+                    patch,
+                    resource_version=self.body["metadata"]["resourceVersion"],
+                )
+                self._fence = _fence_key(self.body)
+                return
+            except ApiException as e:
+                if is_not_found(e):
+                    raise Superseded("the task is gone") from e
+                if not is_conflict(e):
+                    raise
+            fresh = await self.ctx.tasks.get(self.namespace, self.name)
+            if _fence_key(fresh) != self._fence:
+                raise Superseded("the task's spec or status changed under this runner")
+            self.body = fresh
+        raise Superseded("too many conflicting writes")
+
+
+def _ended(kind: machine.Kind, message: str) -> AttemptOutcome:
+    return AttemptOutcome(exec_wire.Tail(0), exec_wire.Tail(0), kind=kind, message=message)
+
+
+async def settle(
+    ctx: Context,
+    body: dict[str, Any],
+    record: machine.AttemptRecord,
+    why: str,
+    *,
+    deadline: float | None = None,
+    waiting: Any = None,
+) -> Message | None:
+    """Makes sure the attempt's script is not running and never will: kills it (or tombstones it, if it
+    has not started) in the pod's current container, or finds the pod or container gone. Retries with
+    backoff until confirmed; returns the agent's reply (or a synthetic one when the container is gone),
+    or None if `deadline` (wall clock) passed first. `waiting(record, problem)` is told once."""
+    namespace = body["metadata"]["namespace"]
+    bound = log.bind(task=body["metadata"]["name"], namespace=namespace, attempt=record.number)
+    delay, told = 1.0, False
+    while True:
+        problem = ""
+        try:
+            pod = await ctx.pods.current(namespace, record.pod, record.pod_uid)
+            if pod is None or not container_instance(pod, record.container).running:
+                bound.info("attempt settled: its container is gone")
+                return Message({"type": "killed", "gone": True, "wasRunning": False})
+            reply = await kill_attempt(ctx, body, record, why)
+        except (ApiException, ExecError, OSError, TimeoutError) as e:
+            problem = str(e) or type(e).__name__
         else:
-            await self.ctx.events.warning(self.body, str(reason), message)
-        self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
-
-    async def _patch(self, phase: st.Phase, reason: str, message: str, **fields: Any) -> None:
-        patch = st.phase_patch(
-            phase,
-            reason,
-            message,
-            generation=self.generation,
-            rerun_token=self.token,
-            previous=self.body.get("status") or {},
-            **fields,
-        )
-        self.body = await self.ctx.tasks.patch_status(self.namespace, self.name, patch)
+            if reply.type == "killed" and reply.fields.get("gone"):
+                return reply
+            problem = f"the agent answered {reply.fields}"
+        if deadline is not None and time.time() >= deadline:
+            return None
+        if waiting is not None and not told:
+            told = True
+            await waiting(record, problem)
+        bound.warning("could not confirm the attempt is gone; trying again", problem=problem, retry_in=delay)
+        await asyncio.sleep(delay)
+        delay = min(SETTLE_BACKOFF_MAX_SECONDS, delay * 2)
 
 
-async def kill_attempt(ctx: Context, body: dict[str, Any], current: dict[str, Any]) -> Message | None:
-    """SIGTERM, then SIGKILL, to the attempt's whole process group, through a separate exec."""
-    request = {
-        "op": "kill",
-        "dir": attempt_dir(ctx.settings, body, current["id"]),
-        "grace": ctx.settings.kill_grace_seconds,
-    }
-    bound = log.bind(task=body["metadata"]["name"], namespace=body["metadata"]["namespace"])
-    try:
-        target = ExecTarget(body["metadata"]["namespace"], current["pod"], current["container"])
-        reply = await agent_call(ctx.api, target, python_of(body), request)
-    except (ExecError, OSError) as e:
-        bound.warning("could not kill the attempt", attempt=current.get("number"), error=str(e))
-        return None
-    bound.info("attempt killed", attempt=current.get("number"), **reply.fields)
+async def kill_attempt(
+    ctx: Context, body: dict[str, Any], record: machine.AttemptRecord, why: str
+) -> Message:
+    """SIGTERM, then SIGKILL, to the attempt's whole process group, through a separate exec; a tombstone
+    if it has not started. Bounded in time."""
+    grace = ctx.settings.kill_grace_seconds
+    request = {"op": "kill", "dir": attempt_dir(ctx.settings, body, record.id), "grace": grace, "why": why}
+    target = ExecTarget(body["metadata"]["namespace"], record.pod, record.container)
+    # The agent waits up to 30 s for a starting script's pid, then grace, then 10 s after SIGKILL.
+    reply = await agent_call(ctx.api, target, python_of(body), request, within=grace + 60)
+    log.info("attempt killed", task=body["metadata"]["name"], attempt=record.number, **reply.fields)
     return reply

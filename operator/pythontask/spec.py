@@ -185,6 +185,7 @@ class Retry(Model):
 
 class OutputSpec(Model):
     tail_bytes: int = Field(default=DEFAULT_TAIL_BYTES, ge=0, le=MAX_TAIL_BYTES)
+    max_bytes: int | None = Field(default=None, ge=1024 * 1024)  # None: the operator's default
 
 
 class PythonTaskSpec(Model):

@@ -46,9 +46,60 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     INVALID_POD_TEMPLATE = "InvalidPodTemplate"
     EXEC_ERROR = "ExecError"
+    NOT_STARTED = "NotStarted"
+    CONTAINER_RESTARTED = "ContainerRestarted"
+    STATE_DIR_NOT_WRITABLE = "StateDirNotWritable"
+    UNSUPPORTED_PYTHON = "UnsupportedPython"
+    OUTPUT_LIMIT_EXCEEDED = "OutputLimitExceeded"
 
 
 SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
+
+# etcd refuses objects over about 1.5 MiB, and the spec may hold a 1 MiB script: status stays far below,
+# counted as JSON-encoded (a control character or "<" costs up to 6 bytes there, not 1).
+OUTPUT_JSON_BUDGET = 96 * 1024  # per stream tail
+MAX_MESSAGE_CHARS = 2048  # the message is repeated in every condition
+
+
+def json_cost(char: str) -> int:
+    """An upper bound on the bytes one character takes in the JSON that clients and the apiserver write."""
+    if " " <= char <= "~" and char not in '"\\<>&':
+        return 1
+    return 12 if ord(char) > 0xFFFF else 6
+
+
+def fit_json(text: str, budget: int, *, keep: str = "end") -> str:
+    """The longest end (or start) of `text` whose JSON encoding fits in `budget` bytes."""
+    chars = reversed(text) if keep == "end" else iter(text)
+    used = count = 0
+    for char in chars:
+        used += json_cost(char)
+        if used > budget:
+            break
+        count += 1
+    if count == len(text):
+        return text
+    return text[len(text) - count :] if keep == "end" else text[:count]
+
+
+def bounded_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 1] + "\u2026"
+
+
+def output_status(
+    *, stdout: str, stderr: str, stdout_bytes: int, stderr_bytes: int, truncated: bool
+) -> dict[str, Any]:
+    """status.output, each tail cut (from its start) to its JSON budget."""
+    out, err = fit_json(stdout, OUTPUT_JSON_BUDGET), fit_json(stderr, OUTPUT_JSON_BUDGET)
+    return {
+        "stdout": out,
+        "stderr": err,
+        "stdoutBytes": stdout_bytes,
+        "stderrBytes": stderr_bytes,
+        "truncated": truncated or out != stdout or err != stderr,
+    }
 
 
 def iso(timestamp: float) -> str:
@@ -138,6 +189,7 @@ def phase_patch(
 ) -> dict[str, Any]:
     """A merge patch for the status subresource. `fields` are set as given (None deletes)."""
     at = at or now()
+    message = bounded_message(message)
     patch: dict[str, Any] = {
         "phase": str(phase),
         "reason": str(reason),

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pythontask import machine as m
+from pythontask.state_codec import state_from_status
 from pythontask.status import Phase
+from support.statuses import written_status
 
 DEPLOYMENT_POD = m.PodFacts("w-1", restartable=True)
 BARE_POD = m.PodFacts(
@@ -128,14 +130,14 @@ def test_on_hang_fail_and_retry() -> None:
 
 
 def test_exec_that_keeps_failing_restarts_a_restartable_pod_only() -> None:
-    state, first = run_once(m.Outcome(m.Kind.CONNECT_FAILED, "refused"))
+    state, first = run_once(m.Outcome(m.Kind.EXEC_ERROR, "refused"))
     assert first.action is m.Action.RETRY  # once: wait for readiness again and retry
     state = replace(state, next_retry_at=None)
-    _, second = run_once(m.Outcome(m.Kind.CONNECT_FAILED, "refused"), state=state)
+    _, second = run_once(m.Outcome(m.Kind.EXEC_ERROR, "refused"), state=state)
     assert second.action is m.Action.RESTART_POD
-    bare, _ = run_once(m.Outcome(m.Kind.CONNECT_FAILED, "refused"), pod=BARE_POD)
+    bare, _ = run_once(m.Outcome(m.Kind.EXEC_ERROR, "refused"), pod=BARE_POD)
     _, bare_second = run_once(
-        m.Outcome(m.Kind.CONNECT_FAILED, "refused"), state=replace(bare, next_retry_at=None), pod=BARE_POD
+        m.Outcome(m.Kind.EXEC_ERROR, "refused"), state=replace(bare, next_retry_at=None), pod=BARE_POD
     )
     assert bare_second.action is m.Action.FAIL
     assert "not restarted" in bare_second.message
@@ -218,8 +220,8 @@ class TaskLifecycle(RuleBasedStateMachine):
         self.ended: set[str] = set()
         self.final: tuple[Phase, int | None, str] | None = None
 
-    @rule(dt=st.floats(min_value=0, max_value=10))
-    def time_passes(self, dt: float) -> None:
+    @rule(dt=st.integers(min_value=0, max_value=10))
+    def time_passes(self, dt: int) -> None:
         self.now += dt
 
     @precondition(lambda self: self.state.restart_pod is not None)
@@ -229,7 +231,17 @@ class TaskLifecycle(RuleBasedStateMachine):
 
     @rule()
     def try_to_begin(self) -> None:
-        record = m.AttemptRecord(self.state.attempts + 1, f"a{len(self.started) + 1}", "p", self.now)
+        # Whole seconds: status keeps RFC 3339 times to the second.
+        record = m.AttemptRecord(
+            self.state.attempts + 1,
+            f"a{len(self.started) + 1}",
+            "p",
+            float(int(self.now)),
+            "uid",
+            "c",
+            "cid",
+            1,
+        )
         if m.may_begin(self.state, self.now):
             self.state = m.begin(self.state, record)
             self.started.append(record.id)
@@ -262,10 +274,13 @@ class TaskLifecycle(RuleBasedStateMachine):
         )
         assert (after, decision) == (before, None)
 
+    @precondition(lambda self: self.state.restart_pod is None)  # the runner restarts the pod before writing
     @rule()
     def operator_restarts(self) -> None:
-        # Only the recorded state survives; the recorded attempt is followed, not started again.
-        self.state = replace(self.state)
+        # Only what status holds survives: the state goes through a real status write and read.
+        decoded = state_from_status(written_status(self.state))
+        assert decoded == self.state  # every piece of decision state survives the round trip
+        self.state = decoded
 
     @invariant()
     def at_most_one_attempt_in_flight(self) -> None:
