@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Local Kubernetes for development and tests: a real etcd, kube-apiserver, kube-controller-manager and
-# kube-scheduler, plus kwok for simulated nodes whose pods run exec'd commands as local processes.
+# kube-scheduler, kwok for simulated nodes whose pods run exec'd commands as local processes, and one
+# real node (kubelet, containerd, runc: hack/real-node.sh) where the machine allows it.
 #
 #   hack/cluster.sh up       start (or reuse) the cluster; writes .local/kubeconfig
-#   hack/cluster.sh down     stop it and verify that no component process is left
+#   hack/cluster.sh down     stop it (the real node first) and verify that no component process is left
 #   hack/cluster.sh status   print whether it is up
 #   hack/cluster.sh restart-apiserver   stop kube-apiserver (SIGTERM, SIGKILL after 10s) and start it again
+#
+# PYTHONTASK_REAL_NODE=0: no real node. Where the machine cannot run one (not Linux, not root, no
+# cgroups), `up` says why in one line and goes on with the kwok nodes; with CI=true that is an error.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,6 +20,8 @@ export KWOK_WORKDIR=$LOCAL/kwok
 CLUSTER_DIR=$KWOK_WORKDIR/clusters/$NAME
 RENDERED=$LOCAL/kwokctl-$NAME.yaml
 KUBECONFIG_OUT=${PYTHONTASK_KUBECONFIG_OUT:-$LOCAL/kubeconfig}
+REAL_NODE=$ROOT/hack/real-node.sh
+export PYTHONTASK_CLUSTER_NAME=$NAME PYTHONTASK_KUBECONFIG_OUT=$KUBECONFIG_OUT
 log() { echo "[cluster] $*" >&2; }
 
 bin_dir() { "$ROOT/hack/build-cluster-binaries.sh" | tail -n 1; }
@@ -29,6 +35,8 @@ render_config() {
   local python_dir
   python_dir=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
   mkdir -p "$LOCAL/pod-root"
+  # The apiserver's identity towards kubelets; made once per checkout, before the apiserver first starts.
+  "$REAL_NODE" pki
   cat >"$RENDERED" <<EOF
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokctlConfiguration
@@ -51,9 +59,15 @@ componentsPatches:
 - name: kube-apiserver
   extraArgs:
   - {key: kubelet-preferred-address-types, value: InternalIP}
+  # A real kubelet accepts only authenticated callers (kwok accepts anyone).
+  - {key: kubelet-client-certificate, value: $LOCAL/kubelet-client-pki/client.crt}
+  - {key: kubelet-client-key, value: $LOCAL/kubelet-client-pki/client.key}
 - name: kwok-controller
   extraArgs:
   - {key: node-ip, value: 127.0.0.1}
+  # kwokctl makes kwok manage every node; it must leave the real node alone. The later flag wins.
+  - {key: manage-all-nodes, value: "false"}
+  - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
   # kwok resolves an exec'd command with its own PATH (a container runtime would use the
   # container's): give it the pod PATH, so "python3" is the interpreter, not a pyenv shell shim.
   extraEnvs:
@@ -65,6 +79,8 @@ componentsPatches:
 - name: kube-controller-manager
   extraArgs:
   - {key: leader-elect, value: "false"}
+  # Its default, /usr/libexec/kubernetes/..., is a directory it would create on this machine.
+  - {key: flex-volume-plugin-dir, value: $CLUSTER_DIR/flex-volume-plugins}
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: ClusterExec
@@ -104,7 +120,7 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 
 nodes_ready() {
   local ready
-  ready=$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)
+  ready=$(kubectl get nodes -l type=kwok -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)
   ((ready >= NODES))
 }
 
@@ -124,12 +140,35 @@ EOF
   done | kubectl apply -f - >&2
 }
 
+# The real node, unless switched off or impossible here; in CI, a real node that does not come up fails.
+real_node_up() {
+  if [[ ${PYTHONTASK_REAL_NODE:-1} == 0 ]]; then
+    log "real node: off (PYTHONTASK_REAL_NODE=0)"
+    "$REAL_NODE" down
+    return 0
+  fi
+  local reason
+  reason=$("$REAL_NODE" unsupported-reason)
+  local outcome="kwok nodes only"
+  [[ ${CI:-} != true ]] || outcome="failing (CI=true)"
+  if [[ -n $reason ]]; then
+    log "real node: not on this machine: $reason; $outcome"
+  elif "$REAL_NODE" up; then
+    return 0
+  else
+    log "real node: did not come up (logs in .local/logs/real-node-$NAME/); $outcome"
+  fi
+  [[ ${CI:-} != true ]]
+}
+
 up() {
   BIN=$(bin_dir)
+  export BIN
   mkdir -p "$LOCAL"
   render_config
   if [[ -d $CLUSTER_DIR ]] && ! cmp -s "$RENDERED" "$CLUSTER_DIR/pythontask-config.yaml"; then
     log "cluster $NAME was made from another configuration; recreating it"
+    "$REAL_NODE" down || true
     kwokctl delete cluster >&2 || true
     rm -rf "$CLUSTER_DIR"
   fi
@@ -138,6 +177,7 @@ up() {
       log "starting the stopped components of cluster $NAME"
       kwokctl start cluster --timeout 2m >&2 || {
         log "cluster $NAME does not start; recreating it"
+        "$REAL_NODE" down || true
         kwokctl delete cluster >&2 || true
         rm -rf "$CLUSTER_DIR"
       }
@@ -151,17 +191,21 @@ up() {
   cp "$CLUSTER_DIR/kubeconfig.yaml" "$KUBECONFIG_OUT"
   wait_for 120 "apiserver /readyz" api_ready
   local have
-  have=$(kubectl get nodes --no-headers 2>/dev/null | wc -l)
+  have=$(kubectl get nodes -l type=kwok --no-headers 2>/dev/null | wc -l)
   if ((have < NODES)); then create_nodes; fi
   wait_for 120 "$NODES Ready nodes" nodes_ready
   wait_for 60 "default service account" kubectl get serviceaccount default -n default
+  real_node_up
   log "cluster $NAME is up; KUBECONFIG=$KUBECONFIG_OUT"
 }
 
 component_pids() { cat "$CLUSTER_DIR"/pids/*.pid 2>/dev/null || true; }
 
 down() {
-  [[ -d $CLUSTER_DIR ]] || { log "no cluster $NAME"; return 0; }
+  # The real node first: its pods leave through the apiserver, and it may outlive a half-deleted cluster.
+  local real_status=0
+  "$REAL_NODE" down || real_status=$?
+  [[ -d $CLUSTER_DIR ]] || { log "no cluster $NAME"; return "$real_status"; }
   BIN=$(bin_dir)
   local pids
   pids=$(component_pids)
@@ -174,6 +218,7 @@ down() {
   for pid in $pids; do
     if kill -0 "$pid" 2>/dev/null; then log "process $pid still running"; return 1; fi
   done
+  ((real_status == 0)) || return "$real_status"
   log "cluster $NAME is down"
 }
 

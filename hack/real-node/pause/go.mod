@@ -1,0 +1,3 @@
+module pythontask.local/pause
+
+go 1.22
