@@ -15,9 +15,37 @@ from dataclasses import dataclass
 from typing import Any
 
 from .machine import AttemptRecord, Kind
-from .pods import container_instance
 
 OOM_KILLED = "OOMKilled"
+
+
+@dataclass(frozen=True)
+class ContainerInstance:
+    """One run of a container, as the pod's status shows it: a restart gives a new id."""
+
+    id: str  # the runtime's container id; "" before the container has started
+    restarts: int
+    running: bool
+    terminated_reason: str = ""  # this instance ended (and was not restarted yet), e.g. OOMKilled
+    last_terminated_id: str = ""  # the previous instance, once it has ended
+    last_terminated_reason: str = ""  # e.g. OOMKilled, Error, Completed
+
+
+def container_instance(pod: Any, name: str) -> ContainerInstance:
+    for cs in (pod.status and pod.status.container_statuses) or []:
+        if cs.name != name:
+            continue
+        last = cs.last_state.terminated if cs.last_state else None
+        ended = cs.state.terminated if cs.state else None
+        return ContainerInstance(
+            id=cs.container_id or "",
+            restarts=cs.restart_count or 0,
+            running=bool(cs.state and cs.state.running),
+            terminated_reason=(ended.reason or "Terminated") if ended else "",
+            last_terminated_id=(last.container_id or "") if last else "",
+            last_terminated_reason=(last.reason or "") if last else "",
+        )
+    return ContainerInstance("", 0, running=False)
 
 
 @dataclass(frozen=True)

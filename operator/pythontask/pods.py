@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
+import json
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -25,6 +26,7 @@ from .status import Reason
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 TASK_UID_LABEL = "pythontask.dev/task-uid"
 TASK_NAME_LABEL = "pythontask.dev/task"
+TEMPLATE_HASH_ANNOTATION = "pythontask.dev/template-hash"  # which template (and interpreter) made the pod
 # PID 1 of a template container without a command: keeps it alive for exec, stops at once on SIGTERM, and
 # reaps every orphan the container's processes leave (a PID 1 that never reaps collects zombies).
 IDLE_PROGRAM = (
@@ -45,35 +47,6 @@ def is_ready(pod: Any) -> bool:
     if pod.metadata.deletion_timestamp is not None or pod.status is None or pod.status.phase != "Running":
         return False
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-
-
-@dataclass(frozen=True)
-class ContainerInstance:
-    """One run of a container, as the pod's status shows it: a restart gives a new id."""
-
-    id: str  # the runtime's container id; "" before the container has started
-    restarts: int
-    running: bool
-    terminated_reason: str = ""  # this instance ended (and was not restarted yet), e.g. OOMKilled
-    last_terminated_id: str = ""  # the previous instance, once it has ended
-    last_terminated_reason: str = ""  # e.g. OOMKilled, Error, Completed
-
-
-def container_instance(pod: Any, name: str) -> ContainerInstance:
-    for cs in (pod.status and pod.status.container_statuses) or []:
-        if cs.name != name:
-            continue
-        last = cs.last_state.terminated if cs.last_state else None
-        ended = cs.state.terminated if cs.state else None
-        return ContainerInstance(
-            id=cs.container_id or "",
-            restarts=cs.restart_count or 0,
-            running=bool(cs.state and cs.state.running),
-            terminated_reason=(ended.reason or "Terminated") if ended else "",
-            last_terminated_id=(last.container_id or "") if last else "",
-            last_terminated_reason=(last.reason or "") if last else "",
-        )
-    return ContainerInstance("", 0, running=False)
 
 
 def pick_container(pod: Any, wanted: str | None) -> str:
@@ -138,6 +111,7 @@ def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[st
     for container in pod_spec["containers"]:
         if not container.get("command") and not container.get("args"):
             container["command"] = [*spec.python, "-c", IDLE_PROGRAM]
+    fingerprint = hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -145,7 +119,7 @@ def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[st
             "generateName": f"{meta['name'][:50]}-",
             "namespace": meta["namespace"],
             "labels": labels,
-            "annotations": pod_meta.get("annotations") or {},
+            "annotations": {**(pod_meta.get("annotations") or {}), TEMPLATE_HASH_ANNOTATION: fingerprint},
             "ownerReferences": [
                 {
                     "apiVersion": f"{GROUP}/{VERSION}",
@@ -167,9 +141,8 @@ class Pods:
         self._in_flight: Counter[str] = Counter()
 
     @contextlib.contextmanager
-    def running_on(self, pod: Any) -> Iterator[None]:
-        """Counts attempts in flight per pod, so selectors spread work across Ready pods."""
-        uid = pod.metadata.uid
+    def running_on(self, uid: str) -> Iterator[None]:
+        """Counts attempts in flight per pod (by uid), so selectors spread work across Ready pods."""
         self._in_flight[uid] += 1
         try:
             yield
@@ -225,17 +198,39 @@ class Pods:
             Reason.POD_NOT_READY, f"None of the {len(pods)} pods matching {query} became Ready ({waited})."
         )
 
-    async def ensure_template_pod(self, task: dict[str, Any], spec: PythonTaskSpec) -> Any:
-        """The task's own pod: adopted if it already exists (operator restart), else created."""
+    async def template_pods(self, task: dict[str, Any]) -> list[Any]:
         meta = task["metadata"]
-        existing = await self._core.list_namespaced_pod(
+        pods = await self._core.list_namespaced_pod(
             meta["namespace"], label_selector=f"{TASK_UID_LABEL}={meta['uid']}"
         )
-        alive = [p for p in existing.items if p.metadata.deletion_timestamp is None]
-        if alive:
-            return alive[0]
+        return list(pods.items)
+
+    async def delete_template_pods(self, task: dict[str, Any]) -> None:
+        """The pods a finished task made from its template (found by label: a restart forgets nothing)."""
+        for pod in await self.template_pods(task):
+            await self.delete(pod)
+
+    async def ensure_template_pod(self, task: dict[str, Any], spec: PythonTaskSpec) -> Any:
+        """The task's own pod: adopted if it exists (an operator restart) and still fits, else created.
+        A pod from an older template (the task was edited) or one that ended (evicted, Failed) is
+        deleted, never adopted. Called only when no attempt of the task is in flight."""
+        manifest = template_pod_manifest(task, spec)
+        wanted = manifest["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+        adoptable = None
+        for pod in await self.template_pods(task):
+            if pod.metadata.deletion_timestamp is not None:
+                continue
+            fits = (pod.metadata.annotations or {}).get(TEMPLATE_HASH_ANNOTATION) == wanted
+            ended = pod.status is not None and pod.status.phase in ("Failed", "Succeeded")
+            if fits and not ended and adoptable is None:
+                adoptable = pod
+            else:
+                log.info("deleting a template pod that no longer fits", pod=pod.metadata.name, ended=ended)
+                await self.delete(pod)
+        if adoptable is not None:
+            return adoptable
+        meta = task["metadata"]
         try:
-            manifest = template_pod_manifest(task, spec)
             return await self._core.create_namespaced_pod(meta["namespace"], manifest)  # type: ignore[arg-type]
         except ApiException as e:
             if e.status in (400, 422):

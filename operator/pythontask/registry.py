@@ -41,6 +41,11 @@ class Running:
         self.runner.stop(self.task, reason)
 
 
+def _disposable_pod(body: dict[str, Any]) -> bool:
+    target = (body.get("spec") or {}).get("target") or {}
+    return bool(target.get("template")) and not target.get("keepPod")
+
+
 def _key(body: dict[str, Any]) -> tuple[int, str]:
     return body["metadata"].get("generation", 1), rerun_token(body)
 
@@ -80,6 +85,10 @@ class Registry:
             return  # a stale event or read: a newer generation already runs
         finished_here = self.completed.get(uid) == key
         if st.is_done_for(body.get("status") or {}, *key) or finished_here:
+            if uid not in self.completed and _disposable_pod(body):
+                # First sight since start: an operator stopped between the final status and the pod's
+                # deletion left the template pod behind.
+                self._spawn(self.ctx.pods.delete_template_pods(body))
             self.completed[uid] = key
             # A finalizer left on a finished task (an operator stopped between its last two writes) is
             # released here; one whose runner finished in this process was released by it already,

@@ -31,6 +31,7 @@ from . import status as st
 from .agent_ops import agent_call
 from .agent_protocol import Message
 from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
+from .attempt_fate import container_instance
 from .config import Settings
 from .events import Events
 from .exec_client import ExecError, ExecTarget
@@ -39,9 +40,9 @@ from .inputs import Inputs, ResolvedInputs, mask
 from .janitor import Janitor
 from .kube import Tasks, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
-from .pods import Pods, container_instance, is_ready, pick_container, pod_facts
+from .pods import Pods, is_ready, pick_container, pod_facts
 from .spec import PythonTaskSpec
-from .state_codec import attempt_id, state_from_status, status_of
+from .state_codec import attempt_id, record_from_status, state_from_status, status_of
 
 FINALIZER = "pythontask.dev/finalizer"
 RERUN_ANNOTATION = "pythontask.dev/rerun"
@@ -141,7 +142,6 @@ class TaskRunner:
         self.log = log.bind(task=self.name, namespace=self.namespace, generation=self.generation)
         self.state = machine.TaskState()  # as last written to status
         self.stop_reason: StopReason | None = None
-        self.template_pods: dict[str, Any] = {}  # by uid: the pods this task created, to delete at the end
         self.last: AttemptOutcome | None = None  # the last attempt's outcome: its output goes into status
         self.last_record: machine.AttemptRecord | None = None  # ...and where its files are
         self.view: NamespacePods | None = None
@@ -175,7 +175,13 @@ class TaskRunner:
             self.view = view
             self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
             self._fence = _fence_key(self.body)
-            state = state_from_status(self._prior_status())
+            prior = self._prior_status()
+            stale = (self.body.get("status") or {}).get("currentAttempt")
+            if stale and not prior:
+                # An attempt of an older generation or run, recorded and never settled (a crash): it must
+                # be gone before this run starts anything.
+                await settle(self.ctx, self.body, record_from_status(stale), str(StopReason.SPEC_CHANGED))
+            state = state_from_status(prior)
             if state.started_at is None:
                 state = replace(state, started_at=time.time())
             self.state = state
@@ -410,7 +416,6 @@ class TaskRunner:
         assert self.view is not None
         if spec.target.template is not None:
             pod = await pods.ensure_template_pod(self.body, spec)
-            self.template_pods[pod.metadata.uid] = pod
             if is_ready(pod):
                 return pod
             await self._pending(
@@ -488,8 +493,7 @@ class TaskRunner:
         if self.last_record is not None:
             self._forget(self.last_record)
         if spec is not None and spec.target.template is not None and not spec.target.keep_pod:
-            for pod in self.template_pods.values():
-                await self.ctx.pods.delete(pod)
+            await self.ctx.pods.delete_template_pods(self.body)
 
     async def _write(
         self, phase: st.Phase, reason: str, message: str, state: machine.TaskState, **fields: Any
