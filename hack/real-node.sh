@@ -6,6 +6,7 @@
 #   hack/real-node.sh up       start it, or restart what died; quick when it is already up
 #   hack/real-node.sh down     stop it and undo every change it made to this machine
 #   hack/real-node.sh status   "up", or the reason it is not
+#   hack/real-node.sh describe node name, address, bridge, cgroup root and state directory (for tests)
 #   hack/real-node.sh pki      the apiserver's kubelet client certificate (made before the cluster)
 #   hack/real-node.sh packages apt-get install what is missing (containerd, runc, CNI plugins, debootstrap, buildah)
 #   hack/real-node.sh images   build (cached) and import the images
@@ -523,9 +524,10 @@ case ${1:-} in
   up) bin && up ;;
   down) down ;;
   status) status ;;
+  describe) printf '%s\n' "node=$NODE" "node_ip=$NODE_IP" "bridge=$BRIDGE" "cgroup_root=$CGROUP_ROOT" "state=$STATE" ;;
   unsupported-reason) unsupported_reason ;;
   pki) mkdir -p "$LOCAL" && pki ;;
   packages) mkdir -p "$LOGS" && install_packages ;;
   images) mkdir -p "$STATE" "$LOGS" && images_up ;;
-  *) echo "usage: $0 up|down|status|unsupported-reason|pki|packages|images" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|describe|unsupported-reason|pki|packages|images" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 from kubernetes_asyncio import client, config
 
 from support import cluster as local_cluster
+from support import real_node as real
 from support.operator import OperatorProcess
 from support.tasks import TaskClient
 from support.waiting import eventually
@@ -26,6 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def cluster() -> local_cluster.Cluster:
     """The local cluster, started on first use and reused while it runs."""
     return local_cluster.up()
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: local_cluster.Cluster) -> str:
+    """The real node's name (kubelet, containerd, runc). Without one, a test that needs it is skipped
+    with the reason, or fails in CI (CI=true), where the machine must run it."""
+    reason = real.absent_reason(cluster)
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no real node in CI: {reason}")
+        pytest.skip(reason)
+    return real.NODE
 
 
 @pytest.fixture(scope="session")
