@@ -15,8 +15,10 @@ container instance (and started there only if it never started), or lost, and ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -227,11 +229,11 @@ class TaskRunner:
             container = pick_container(pod, spec.target.container)
             inputs = await self.ctx.inputs.resolve(self.namespace, spec)
             # The slot is taken before the attempt is recorded: a queued task is not Running.
-            async with self.ctx.slots:
+            async with self._slot(state):
                 state = await self._record_attempt(state, pod, container)
                 outcome = await self._attempt(spec, state, "run", inputs, deadline)
         else:
-            async with self.ctx.slots:
+            async with self._slot(state):
                 outcome = await self._resume(spec, state, deadline)
         return await self._conclude(spec, policy, state, outcome)
 
@@ -430,10 +432,27 @@ class TaskRunner:
         await self._pending(f"Waiting up to {wait:g}s for a Ready pod ({what}).", state)
         return await pods.wait_ready(self.view, spec.target, wait)
 
-    async def _pending(self, message: str, state: machine.TaskState) -> None:
+    async def _pending(
+        self, message: str, state: machine.TaskState, reason: str = st.Reason.WAITING_FOR_POD
+    ) -> None:
+        if state.current is not None:
+            await self._write(st.Phase.RUNNING, st.Reason.RUNNING, message, state)
+            return
         phase = st.Phase.RETRYING if state.attempts else st.Phase.PENDING
-        reason = state.reason if state.attempts else st.Reason.WAITING_FOR_POD
-        await self._write(phase, reason, message, state)
+        await self._write(phase, state.reason if state.attempts else reason, message, state)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, state: machine.TaskState) -> AsyncIterator[None]:
+        """One of PYTHONTASK_MAX_IN_FLIGHT slots; a task waiting for one says so."""
+        if self.ctx.slots.locked():
+            limit = self.ctx.settings.max_attempts_in_flight
+            await self._pending(
+                f"Queued: {limit} attempts are in flight (the operator's PYTHONTASK_MAX_IN_FLIGHT).",
+                state,
+                st.Reason.QUEUED,
+            )
+        async with self.ctx.slots:
+            yield
 
     async def _record_attempt(self, state: machine.TaskState, pod: Any, container: str) -> machine.TaskState:
         now = time.time()

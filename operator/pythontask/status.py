@@ -26,6 +26,7 @@ TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
 class Reason(StrEnum):
     WAITING_FOR_POD = "WaitingForPod"
+    QUEUED = "Queued"
     RUNNING = "Running"
     COMPLETED = "Completed"
     NON_ZERO_EXIT_CODE = "NonZeroExitCode"
