@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,13 +14,15 @@ from kubernetes_asyncio import client
 from pythontask import exec_wire
 from pythontask.exec_client import ExecStream, ExecTarget, open_exec
 from support import cluster as local_cluster
+from support import real_node as real
 from support.objects import READY, READY_DELAY, deployment_manifest, is_ready, pod_manifest, ready_pods
 from support.waiting import eventually
 
 
-def test_nodes_ready_and_apiserver_version(cluster: local_cluster.Cluster) -> None:
-    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-    assert len(nodes) >= 3
+def test_kwok_nodes_ready_and_apiserver_version(cluster: local_cluster.Cluster) -> None:
+    # The kwok nodes; the real node (test_real_node.py) has its own address and no kwok annotation.
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-l", "type=kwok", "-o", "json").stdout)["items"]
+    assert len(nodes) == 3
     for node in nodes:
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
         assert ready == "True", node["metadata"]["name"]
@@ -126,26 +129,63 @@ async def _pod_not_ready(core: client.CoreV1Api, namespace: str, name: str) -> b
     return not await _pod_ready(core, namespace, name)
 
 
-def test_cluster_comes_up_from_nothing_and_down_leaves_no_process(tmp_path: Path) -> None:
+def _mounts_under(path: str) -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {path}/" in line]
+
+
+def _sysctls() -> dict[str, str]:
+    names = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops")
+    return {name: Path("/proc/sys", name).read_text().strip() for name in names}
+
+
+def test_cluster_comes_up_from_nothing_and_down_leaves_nothing(tmp_path: Path) -> None:
+    """A second cluster, with its own real node where the machine can run one (hack/real-node.sh), comes
+    up beside the session's and goes down leaving no process, mount, bridge, cgroup or sysctl change."""
     name = "pt-lifecycle"
     kubeconfig = tmp_path / "kubeconfig"
     workdir = str(local_cluster.ROOT / ".local/kwok/clusters" / name)
+    host = real.describe(name)  # the node's bridge, cgroup root and state directory for this cluster
+    with_real_node = not real.unsupported_reason() and os.environ.get("PYTHONTASK_REAL_NODE") != "0"
     local_cluster.down(name, kubeconfig)  # from nothing, even after an interrupted run
     assert not local_cluster.processes_mentioning(workdir)
+    assert not local_cluster.processes_mentioning(host["state"] + "/")
+    sysctls_before = _sysctls()
+    fixed_dirs_before = {
+        d: Path(d).exists() for d in ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni")
+    }
     try:
         lifecycle = local_cluster.up(name, kubeconfig)
         nodes = lifecycle.kubectl("get", "nodes", "--no-headers").stdout.splitlines()
-        assert len(nodes) == 3, nodes
+        assert len(nodes) == (4 if with_real_node else 3), nodes
         assert all(" Ready " in line for line in nodes), nodes
         running = local_cluster.processes_mentioning(workdir)
         commands = " ".join(cmd for _, cmd in running)
         for component in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
             assert component in commands
+        if with_real_node:
+            # A running container leaves everything down must undo: shim, netns, rootfs mount, cgroups, veth.
+            lifecycle.kubectl("apply", "-f", "-", input=json.dumps(real.real_pod_manifest("leftover")))
+            lifecycle.kubectl("wait", "--for=condition=Ready", "pod/leftover", "--timeout=60s")
+            commands = " ".join(cmd for _, cmd in local_cluster.processes_mentioning(host["state"] + "/"))
+            for component in ("containerd --config", "kubelet", "containerd-shim"):
+                assert component in commands
+            assert _mounts_under(host["state"])
+            assert Path("/sys/class/net", host["bridge"]).exists()
     finally:
         result = local_cluster.down(name, kubeconfig)
     assert result.returncode == 0, result.stderr
     assert local_cluster.processes_mentioning(workdir) == []
     assert not kubeconfig.exists()
+    assert local_cluster.processes_mentioning(host["state"] + "/") == []
+    assert _mounts_under(host["state"]) == []
+    assert not Path(host["state"]).exists()
+    assert not Path("/sys/class/net", host["bridge"]).exists()
+    assert not list(Path("/sys/fs/cgroup").glob("*" + host["cgroup_root"]))
+    # The kubelet changes these while it runs: back as they were (the session's real node, if it runs,
+    # had already changed them before this test).
+    assert _sysctls() == sysctls_before
+    for directory, existed in fixed_dirs_before.items():
+        assert Path(directory).exists() == existed, directory
 
 
 @pytest.mark.parametrize("component", ["kube-apiserver", "kube-scheduler", "kube-controller-manager"])
