@@ -254,6 +254,9 @@ class TaskRunner:
         pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
         fate = attempt_fate.judge(record, pod)
         if fate.lost:
+            salvaged = await self._salvage(spec, record, pod, deadline)
+            if salvaged is not None:
+                return salvaged
             outcome = _ended(machine.Kind.POD_LOST, "")
             outcome.sent = True  # a run may have reached the container: settle before anything else
             return await self._settled(record, self._refine(outcome, fate), deadline)
@@ -264,26 +267,20 @@ class TaskRunner:
             outcome = await self._attempt(spec, state, "run", inputs, deadline)
         return outcome
 
-    async def _attempt(
-        self,
-        spec: PythonTaskSpec,
-        state: machine.TaskState,
-        op: str,
-        inputs: ResolvedInputs | None,
-        deadline: float | None,
-    ) -> AttemptOutcome:
-        record = state.current
-        assert record is not None
-        loop = asyncio.get_running_loop()
-        offset = loop.time() - time.time()  # wall-clock deadlines -> loop time
-        limits = Limits(
+    def _limits(self, spec: PythonTaskSpec, record: machine.AttemptRecord, deadline: float | None) -> Limits:
+        offset = asyncio.get_running_loop().time() - time.time()  # wall-clock deadlines -> loop time
+        return Limits(
             connect=spec.timeouts.connect_seconds,
             idle=spec.timeouts.idle_seconds,
             attempt_deadline=record.start + spec.timeouts.attempt_seconds + offset,
             total_deadline=deadline + offset if deadline is not None else None,
             reattach_window=max(30.0, 2 * spec.timeouts.connect_seconds),
         )
-        request = AttemptRequest(
+
+    def _request(
+        self, spec: PythonTaskSpec, record: machine.AttemptRecord, inputs: ResolvedInputs | None
+    ) -> AttemptRequest:
+        return AttemptRequest(
             target=ExecTarget(self.namespace, record.pod, record.container),
             attempt_dir=attempt_dir(self.ctx.settings, self.body, record.id),
             python=list(spec.python),
@@ -298,6 +295,18 @@ class TaskRunner:
                 "PYTHONTASK_ATTEMPT": str(record.number),
             },
         )
+
+    async def _attempt(
+        self,
+        spec: PythonTaskSpec,
+        state: machine.TaskState,
+        op: str,
+        inputs: ResolvedInputs | None,
+        deadline: float | None,
+    ) -> AttemptOutcome:
+        record = state.current
+        assert record is not None
+        request, limits = self._request(spec, record, inputs), self._limits(spec, record, deadline)
         self.log.info(
             "attempt " + ("starting" if op == "run" else "followed"), attempt=record.number, pod=record.pod
         )
@@ -310,7 +319,7 @@ class TaskRunner:
             pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
             fate = attempt_fate.judge(record, pod)
             if fate.lost:
-                outcome = self._refine(outcome, fate)
+                outcome = await self._salvage(spec, record, pod, deadline) or self._refine(outcome, fate)
             elif outcome.kind is machine.Kind.POD_LOST:  # a false alarm cannot end an attempt as lost
                 outcome.kind, outcome.message = machine.Kind.STREAM_BROKEN, "The exec stream ended early."
         outcome = await self._settled(record, outcome, deadline)
@@ -320,6 +329,22 @@ class TaskRunner:
             outcome.kind = machine.Kind.POD_NOT_READY
             outcome.message += f" Pod {record.pod} is not Ready."
         return outcome
+
+    async def _salvage(
+        self, spec: PythonTaskSpec, record: machine.AttemptRecord, pod: Any, deadline: float | None
+    ) -> AttemptOutcome | None:
+        """A container that restarted after its script ended still holds the result when the state
+        directory is on a volume that outlives the container (an emptyDir): fetch it with `follow`, which
+        never starts anything. None when there is no result to be had."""
+        if pod is None or not container_instance(pod, record.container).running:
+            return None
+        request = self._request(spec, record, None)
+        limits = replace(self._limits(spec, record, deadline), reattach_window=0.0)
+        outcome = await run_attempt(self.ctx.api, request, limits, None, None, op="follow")
+        if outcome.kind is machine.Kind.EXITED:
+            self.log.info("result recovered from a restarted container", attempt=record.number)
+            return outcome
+        return None
 
     @staticmethod
     def _refine(outcome: AttemptOutcome, fate: attempt_fate.Fate) -> AttemptOutcome:

@@ -71,14 +71,18 @@ async def ready_real_pod(
     *,
     data_volume: bool = False,
     tmp_volume: bool = False,
+    state_volume: bool = False,
     **kwargs: Any,
 ) -> Any:
     """A Ready pod on the real node; `data_volume` mounts an emptyDir at /data (it outlives container
-    restarts), `tmp_volume` one at /tmp (for a read-only root filesystem)."""
+    restarts), `tmp_volume` one at /tmp (for a read-only root filesystem), `state_volume` one at the
+    agent's state directory."""
     manifest = real_pod_manifest(name, **kwargs)
     mounts = {"data": "/data"} if data_volume else {}
     if tmp_volume:
         mounts["tmp"] = "/tmp"
+    if state_volume:
+        mounts["state"] = "/tmp/pythontask"
     if mounts:
         manifest["spec"]["volumes"] = [{"name": n, "emptyDir": {}} for n in mounts]
         manifest["spec"]["containers"][0]["volumeMounts"] = [
@@ -446,3 +450,59 @@ async def test_a_kill_before_the_start_leaves_a_tombstone_that_a_late_start_hono
     await eventually(late_agent_done, within=60, what="the late run agent (and the kill) to have exited")
     ran = await exec_python(tasks.namespace, "late", "import os; print(os.path.exists('/tmp/ran'))", api)
     assert ran == "False\n"  # the tombstone stopped the late start
+
+
+async def test_a_result_in_a_state_volume_survives_a_container_restart(
+    core: client.CoreV1Api,
+    api: client.ApiClient,
+    tasks: TaskClient,
+    restartable_operator: OperatorProcess,
+    real_node: str,
+) -> None:
+    # The state directory on an emptyDir: it outlives container restarts (not pod deletion).
+    manifest_kw: dict[str, Any] = {
+        "command": pid1("die", "os.remove('/data/die'); sys.exit(1)"),
+        "data_volume": True,
+    }
+    pod = await ready_real_pod(core, tasks.namespace, "keeper", state_volume=True, **manifest_kw)
+    script = run_counter(
+        "/data/runs",
+        then="import time\nwhile not os.path.exists('/data/go'): time.sleep(0.1)\nprint('kept')\n",
+    )
+    await tasks.create(
+        "kept", {"target": {"podName": "keeper"}, "script": {"inline": script}, "retry": {"limit": 1}}
+    )
+
+    async def started() -> bool:
+        return (
+            await exec_python(
+                tasks.namespace, "keeper", "import os; print(os.path.exists('/data/runs'))", api
+            )
+            == "True\n"
+        )
+
+    await eventually(started, within=60, what="attempt 1 to start")
+    restartable_operator.kill()
+    # The script finishes while nobody watches, then the container restarts before its result is recorded.
+    await exec_python(tasks.namespace, "keeper", "open('/data/go', 'w').close()", api)
+
+    async def finished() -> bool:
+        code = "import glob; print(bool(glob.glob('/tmp/pythontask/*/*/result.json')))"
+        return await exec_python(tasks.namespace, "keeper", code, api) == "True\n"
+
+    await eventually(finished, within=30, what="the script's result to be recorded in the container")
+    await exec_python(tasks.namespace, "keeper", "open('/data/die', 'w').close()", api)
+
+    async def restarted() -> bool:
+        return await restart_count(core, tasks.namespace, "keeper") == 1
+
+    await eventually(restarted, within=60, what="the container to restart")
+    restartable_operator.start()
+    status = await tasks.wait_status("kept", within=60)
+    assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "kept\n"), (
+        status
+    )
+    assert (
+        await exec_python(tasks.namespace, "keeper", "print(open('/data/runs').read(), end='')", api)
+    ) == "1\n"
+    assert pod.metadata.uid == (await core.read_namespaced_pod("keeper", tasks.namespace)).metadata.uid
