@@ -14,7 +14,7 @@ from kubernetes_asyncio import client
 from pythontask.exec_client import ExecTarget, open_exec
 from support.objects import is_ready
 from support.operator import OperatorProcess
-from support.real_node import real_pod_manifest
+from support.real_node import CONTAINER, real_pod_manifest
 from support.tasks import TaskClient
 from support.waiting import eventually
 
@@ -43,7 +43,7 @@ AGENTS_DONE = (
 
 
 async def exec_python(
-    namespace: str, pod: str, code: str, api: client.ApiClient, container: str = "main"
+    namespace: str, pod: str, code: str, api: client.ApiClient, container: str = CONTAINER
 ) -> str:
     """Runs `python3 -c code` in the container (not through the operator); returns its stdout."""
     out = b""
@@ -155,7 +155,7 @@ async def test_exit_codes_over_a_real_kubelet_agree_with_the_status_frame(
     await ready_real_pod(core, tasks.namespace, "worker", command=["sleep", "infinity"])
     async with open_exec(
         api,
-        ExecTarget(tasks.namespace, "worker", "main"),
+        ExecTarget(tasks.namespace, "worker", CONTAINER),
         ["python3", "-c", "import sys; sys.exit(3)"],
         stdin=False,
     ) as stream:
