@@ -1,7 +1,8 @@
 """The operator's side of the in-container agent protocol (see agent/agent.py for the other side).
 
 Only LOADER travels on the exec URL. The agent's source and the request (script, args, resolved env)
-follow over stdin, each prefixed by its length in ASCII and a newline, so no EOF is ever needed.
+follow over stdin, each prefixed by its length in ASCII and a newline, so no EOF is ever needed; after a
+`result` the agent reads one more line from stdin, FORGET_ACK to remove the attempt's files.
 """
 
 from __future__ import annotations
@@ -13,19 +14,25 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-# Reads one length-prefixed blob from stdin and runs it: the agent source.
+# The only code on the exec URL. On Python 3.8+ it reads one length-prefixed blob from stdin, the
+# agent's source, and runs it as __main__ (in the loader's own module). Older interpreters, Python 2
+# included, must get as far as a framed `error` saying why: so only syntax that Python 2.7 and 3.0-3.7
+# parse too (exec(...) is Python 2's exec statement in its tuple form), and bytes written with os.write.
 LOADER = (
-    "import sys;b=sys.stdin.buffer;n=int(b.readline());"
-    "exec(compile(b.read(n),'pythontask-agent','exec'),{'__name__':'__main__'})"
+    "import sys;v=sys.version_info\n"
+    "if v<(3,8):import os,json,struct;m=json.dumps({'type':'error','reason':'UnsupportedPython','message':"
+    "'Python %d.%d at %s: spec.python must name Python 3.8 or newer'%(v[0],v[1],sys.executable)}).encode()"
+    ";os.write(1,b'M'+struct.pack('>I',len(m))+m)\n"
+    "else:b=sys.stdin.buffer;exec(b.read(int(b.readline())))"
 )
+
+# Sent by the operator once it has recorded a result: the agent then removes the attempt directory.
+FORGET_ACK = b"forget\n"
 
 KIND_STDOUT = b"O"
 KIND_STDERR = b"E"
 KIND_MESSAGE = b"M"
 _HEADER = struct.Struct(">cI")
-
-# The agent exits with this code when it could not report a script result.
-AGENT_FAILURE_EXIT = 125
 
 
 def agent_source() -> bytes:

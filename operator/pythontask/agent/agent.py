@@ -1,131 +1,413 @@
-# The in-container agent. It is not imported by the operator: its source is sent over the exec
-# stdin and run by the container's own Python (3.8+, standard library only).
+# The in-container agent, protocol v2. The operator never imports it: its source travels over the exec
+# stdin, after the LOADER (agent_protocol.py) checked the interpreter, and the container's own Python
+# (3.8+, standard library only) runs it as `python -S -u -c LOADER`.
 #
-# Framing on our stdout (the exec stdout channel): one byte kind, four bytes big-endian length, payload.
-#   b"O" script stdout bytes, b"E" script stderr bytes, b"M" a JSON message.
-# Our own stderr is only for the agent's crashes.
+# Stdin: length-prefixed blobs (ASCII length, "\n", bytes): this source (read by the LOADER), a JSON
+# request, and for "run" the script. D is <stateDir>/<taskUID>/<attemptID>; T a task directory.
+#   {"op": "run", "dir": D, "tail": N, "python": [...], "args": [...], "env": {...},
+#    "workingDir": str|null, "scriptPath": str|null, "maxOutputBytes": int, "mask": [str, ...]}
+#   {"op": "follow", "dir": D, "tail": N}
+#   {"op": "kill", "dir": D, "grace": seconds, "why": str}
+#   {"op": "forget", "dirs": [D, ...], "tasks": [T, ...]}
+# After a `result`, a run or follow agent reads one more line (heartbeating meanwhile, at most
+# ACK_TIMEOUT_SECONDS): "forget" removes D (and T if now empty) and answers `forgotten`; EOF or anything
+# else leaves the files. The operator sends it once the result is in its status.
 #
-# Request (second length-prefixed blob on stdin, after this source): JSON
-#   {"op": "run" | "follow" | "kill" | "forget", "dir": attempt dir, ...};
-#   for "run" a third blob is the script.
+# Stdout (the exec's stdout channel): frames of one byte kind, four bytes big-endian length, payload.
+#   b"O" script stdout bytes, b"E" script stderr bytes, b"M" a JSON message {"type": ..., ...}:
+#   error {reason?, message}   with a reason a configuration error: StateDirNotWritable, ScriptNotFound
+#                              (UnsupportedPython comes from the LOADER); without one, the agent failed
+#   accepted {fresh}           run claimed D (fresh), or D was claimed before (then it is followed)
+#   tombstoned {}              killed before its script started: it never ran and never will (may come
+#                              after `accepted`)
+#   started {pid, mask}        the script runs or ran; mask: the secret values the run recorded
+#   caughtUp {}                what was on disk has been sent (on a follow: the last `tail` bytes)
+#   heartbeat {}               at least every HEARTBEAT_SECONDS while following or waiting
+#   result {result, totals}    the content of result.json, and the byte totals {stdout, stderr}
+#   missing {}                 follow: no such D
+#   killed {wasRunning, gone, forced, tombstoned}
+#   forgotten {removed, skipped, skippedDirs}    counts of attempt dirs, and the skipped ones
+# Our own stderr stays empty: every failure is reported as an `error` message.
 #
-# Layout of an attempt directory:
-#   script.py        the user's script
-#   stdout, stderr   everything the script wrote
-#   pid              JSON: the script's pid (= its process group) and the supervisor's, with start times
-#   result.json      written atomically by the supervisor when the script has ended
+# Layout of an attempt directory D:
+#   fate          decided once: created by linking a temp file (EEXIST means someone decided first).
+#                 "run <supervisor pid> <its start time>" by the supervisor right before it forks the
+#                 script; "killed <why>" by a kill op (or by forget, or by a follower giving up on a
+#                 claim nobody decided), a tombstone: the script can never start afterwards. Not
+#                 fsynced: a fate torn by a crash reads as "run", never as a tombstone
+#   script.py     the inline script (absent with scriptPath)
+#   mask.json     the secret values to mask in the output (mode 0600)
+#   stdout, stderr  everything the script wrote (its own fds, appending)
+#   pid           JSON: the script's pid (= its process group) and the supervisor's, with start times
+#   killed        JSON {why}: written by a kill op before it signals the script
+#   result.json   written atomically by the supervisor once the script has ended: exitCode (128+N for
+#                 signal N), signal, startedAt, finishedAt, resources, oomKilled, killedBy {why},
+#                 outputLimitExceeded; or {error} if the exit status was lost
+#
+# Processes: a run agent forks the supervisor once. The supervisor calls setsid (a dropped exec session or
+# a signal to the agent's group does not reach it), becomes a child subreaper, forks the script in its own
+# process group (stdin /dev/null, stdout and stderr appended to D's files), reaps it and every orphan it
+# adopts, forwards SIGTERM and SIGINT to the script's group, bounds the output, ends what the script left
+# behind (its group, and adopted orphans that left it), writes result.json (fsynced) and exits. The agent
+# reaps the supervisor even when its exec stream is gone, so nothing is left for a PID 1 that never
+# reaps; only if the agent itself is killed is the supervisor (which still records the result) left to
+# PID 1. Followers (the follow op, a run that found D claimed) only read files.
+#
+# Guarantees:
+#   - a script starts at most once per D (mkdir claims D, the fate is decided once), and a kill before
+#     the start is final;
+#   - a run agent older than START_WINDOW_SECONDS claims nothing (the operator has moved on);
+#   - stdout + stderr stay within maxOutputBytes, give or take one poll interval of output (polls come
+#     at least every POLL_MAX_SECONDS, and often enough that FLOOD_BYTES_PER_SECOND cannot cross it);
+#   - forget never removes an attempt whose script may still be running.
+#
+# Test-only overrides (environment, seconds): PYTHONTASK_AGENT_HEARTBEAT, PYTHONTASK_AGENT_START_WINDOW,
+# PYTHONTASK_AGENT_ACK_TIMEOUT.
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
+import errno
 import os
 import resource
-import shutil
-import signal
+import select
 import struct
 import sys
 import time
-from typing import Any, BinaryIO
 
-OUT = sys.stdout.buffer
-IN = sys.stdin.buffer
-CHUNK = 64 * 1024
-HEARTBEAT_SECONDS = 5.0
+# Imports cost milliseconds on every exec, and a task takes a few tens: `typing` is for the type checker
+# only, and `signal` and `json` wrap C modules in Python layers that import re and enum.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import Any, BinaryIO
+else:
+    try:
+        import _signal as signal
+    except ImportError:
+        import signal
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+HEARTBEAT_SECONDS = _seconds("PYTHONTASK_AGENT_HEARTBEAT", 5.0)
+START_WINDOW_SECONDS = _seconds("PYTHONTASK_AGENT_START_WINDOW", 60.0)
+ACK_TIMEOUT_SECONDS = _seconds("PYTHONTASK_AGENT_ACK_TIMEOUT", 120.0)
+# How long a claimed D may wait for its fate, and a "run" fate for its pid file.
+DECIDE_TIMEOUT_SECONDS = 30.0
+# A write to the exec stream blocked this long: nobody reads it any more.
+STALL_SECONDS = 30.0
 # Poll fast while output flows, back off while it does not: a thousand quiet scripts must not
 # cost a thousand busy pollers.
 POLL_MIN_SECONDS = 0.005
 POLL_MAX_SECONDS = 0.2
-START_TIMEOUT_SECONDS = 30.0
-AGENT_FAILURE = 125
+OUTPUT_LIMIT_GRACE_SECONDS = 2.0
+# The output rate the size polls assume at most: past the limit by at most one poll interval of it.
+FLOOD_BYTES_PER_SECOND = 512 << 20
+LEFTOVER_GRACE_SECONDS = 2.0
+KILL_FORCED_WAIT_SECONDS = 10.0
+CHUNK = 64 * 1024
 PR_SET_CHILD_SUBREAPER = 36
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
-def send(kind: bytes, payload: bytes) -> None:
-    OUT.write(kind + struct.pack(">I", len(payload)) + payload)
-    OUT.flush()
+def _no_default(value: object) -> Any:
+    raise TypeError(f"{value!r} is not JSON serializable")
 
 
-def message(**fields: Any) -> None:
-    send(b"M", json.dumps(fields, separators=(",", ":")).encode())
+_scan: Any = None
+_encode: Any = None
+try:
+    import _json
+
+    class _Decoding:  # what the C scanner reads from a json.JSONDecoder
+        strict = True
+        object_hook = object_pairs_hook = array_hook = None
+        parse_float = parse_constant = float
+        parse_int = int
+
+    _scan = _json.make_scanner(_Decoding())  # type: ignore[arg-type]
+    _encode = _json.make_encoder(
+        None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+except Exception:  # not CPython, or a C core that changed: the json package then
+    _scan = _encode = None
 
 
-def read_blob() -> bytes:
-    header = IN.readline()
-    if not header:
-        raise SystemExit("agent: stdin closed before the request arrived")
+def from_json(data: str | bytes) -> Any:
+    text = (data.decode() if isinstance(data, bytes) else data).strip()
+    if _scan is None:
+        import json  # noqa: PLC0415 - only where the C core is missing
+
+        return json.loads(text)
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError(f"not JSON: {text[:40]!r}") from None
+    if end != len(text):
+        raise ValueError(f"not JSON: extra data after {text[:40]!r}")
+    return value
+
+
+def to_json(value: Any) -> str:
+    if _encode is None:
+        import json  # noqa: PLC0415 - only where the C core is missing
+
+        return json.dumps(value, separators=(",", ":"))
+    return "".join(_encode(value, 0))
+
+
+class ignoring:
+    """contextlib.suppress, which would cost an import on every exec."""
+
+    def __init__(self, *kinds: type[BaseException]) -> None:
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, value: object, tb: object) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+class Failure(Exception):
+    """Reported as an `error` message; with a reason it is a final configuration error."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exec stream
+
+
+class Channel:
+    """Frames on our stdout. When the exec stream goes away (EPIPE, or a write blocked for
+    STALL_SECONDS) it stops sending for good and the agent carries on: it still has to reap."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        self.open = True
+        self.last_beat = time.monotonic()
+        with ignoring(OSError):
+            os.set_blocking(fd, False)  # so a reader that vanished cannot block us forever
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        if not self.open:
+            return
+        data = memoryview(kind + struct.pack(">I", len(payload)) + payload)
+        stalled_since = None
+        while data:
+            try:
+                data = data[os.write(self.fd, data) :]
+                stalled_since = None
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:  # EPIPE and the like: the stream is gone
+                self.open = False
+                return
+            now = time.monotonic()
+            stalled_since = stalled_since or now
+            if now - stalled_since >= STALL_SECONDS:
+                self.open = False  # a frame may be cut: nothing more may follow it
+                return
+            try:
+                select.select([], [self.fd], [], STALL_SECONDS)
+            except OSError:
+                self.open = False
+                return
+
+    def message(self, name: str, **fields: Any) -> None:
+        fields["type"] = name
+        self.send(b"M", to_json(fields).encode())
+
+    def until_beat(self) -> float:
+        return max(0.0, self.last_beat + HEARTBEAT_SECONDS - time.monotonic())
+
+    def beat(self) -> None:
+        if self.until_beat() <= 0.001:
+            self.message("heartbeat")
+            self.last_beat = time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        """Sleeps, but never past the next heartbeat."""
+        time.sleep(min(seconds, self.until_beat() + 0.001))
+        self.beat()
+
+
+def read_blob(stdin: BinaryIO) -> bytes:
+    header = stdin.readline(32)
+    if not header.endswith(b"\n"):
+        raise Failure("stdin closed before the request arrived")
     size = int(header)
-    data = IN.read(size)
+    data = stdin.read(size)
     if len(data) != size:
-        raise SystemExit("agent: stdin closed in the middle of the request")
+        raise Failure("stdin closed in the middle of the request")
     return data
 
 
-def proc_start_time(pid: int) -> str | None:
-    # Field 22 of /proc/PID/stat; guards against signalling a recycled pid.
+def read_ack(ch: Channel, stdin: BinaryIO, timeout: float) -> bytes:
+    """One line from stdin within `timeout`, heartbeating meanwhile; b"" on timeout. The same buffered
+    reader as the request's (it may hold the line already), made non-blocking: b"" from it means
+    "nothing yet", or EOF when select just said the fd is readable."""
+    try:
+        os.set_blocking(stdin.fileno(), False)
+    except (OSError, ValueError):
+        return b""
+    line = b""
+    deadline = time.monotonic() + timeout
+    readable = False
+    while ch.open:
+        try:
+            chunk = stdin.readline(64 - len(line)) or b""
+        except BlockingIOError:
+            chunk = b""
+        except (OSError, ValueError):
+            return line
+        if not chunk and readable:
+            return line  # EOF
+        line += chunk
+        if line.endswith(b"\n") or len(line) >= 64:
+            return line
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        readable = bool(select.select([stdin], [], [], min(left, ch.until_beat() + 0.001))[0])
+        ch.beat()
+    return b""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and processes
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def read_json(path: str) -> Any:
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return from_json(text)
+    except ValueError:
+        return None
+
+
+def write_atomic(path: str, data: str, sync: bool = False) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        e.filename = e.filename or path  # os.write's errors (ENOSPC) name no file
+        raise
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [2] pgrp,
+    [19] start time (clock ticks since boot), which tells a process from a recycled pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2 :].split()[19].decode()
+    return stat[stat.rindex(b")") + 2 :].decode().split()
 
 
-def read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+def start_time(pid: int) -> str | None:
+    stat = proc_stat(pid)
+    return stat[19] if stat else None
 
 
-def read_pids(d: str) -> dict[str, Any] | None:
-    return read_json(os.path.join(d, "pid"))
-
-
-def read_result(d: str) -> dict[str, Any] | None:
-    return read_json(os.path.join(d, "result.json"))
-
-
-def alive(pid: int, start: str | None) -> bool:
-    return proc_start_time(pid) == start
+def alive(pid: int | None, start: str | None) -> bool:
+    """The very process recorded (not a recycled pid), and not a zombie."""
+    if not pid:
+        return False
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in "ZX" and stat[19] == start
 
 
 def group_alive(pgid: int, start: str | None) -> bool:
-    """True while any process of the script's group exists (the leader may exit before its children)."""
-    current = proc_start_time(pgid)
-    if current is not None and current != start:
-        return False  # the pid was recycled by an unrelated process
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    """True while a live process of the script's group exists (its leader may have gone first)."""
+    stat = proc_stat(pgid)
+    if stat is not None and stat[19] != start:
+        return False  # a pid is not reused while its group exists: the group is gone
+    if stat is not None and stat[0] not in "ZX":
         return True
-    return True
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    for p in pids:
+        member = proc_stat(p)
+        if member is not None and member[2] == str(pgid) and member[0] not in "ZX":
+            return True
+    return False
 
 
-def write_atomic(path: str, data: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc (None where /proc cannot tell)."""
+    stat = proc_stat("self")
+    uptime = read_text("/proc/uptime")
+    if stat is None or not uptime:
+        return None
+    try:
+        return float(uptime.split()[0]) - int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError):
+        return None
 
 
 def read_first_int(*paths: str) -> int | None:
     for path in paths:
-        with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:
-            return int(f.read().split()[0])
+        text = read_text(path)
+        if text:
+            try:
+                return int(text.split()[0])
+            except ValueError:
+                pass
     return None
 
 
 def read_keyed(*paths: str) -> dict[str, int]:
     for path in paths:
-        with contextlib.suppress(OSError, ValueError), open(path) as f:
-            return {k: int(v) for k, v in (line.split()[:2] for line in f if len(line.split()) >= 2)}
+        text = read_text(path)
+        if text is not None:
+            keyed = {}
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    keyed[parts[0]] = int(parts[1])
+            return keyed
     return {}
 
 
@@ -150,99 +432,199 @@ def cgroup_counters() -> dict[str, int]:
     return counters
 
 
-def reap_all() -> None:
-    while True:
-        try:
-            reaped, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if reaped == 0:
-            return
+# ---------------------------------------------------------------------------------------------------
+# The attempt directory
 
 
-def end_group(pgid: int, grace: float = 2.0) -> None:
-    """Terminates what the script left running in its group, as a container runtime would."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            return
-        deadline = time.time() + grace
-        while time.time() < deadline:
-            reap_all()
-            try:
-                os.killpg(pgid, 0)
-            except OSError:
-                return
-            time.sleep(0.02)
+class Fate:
+    """What D/fate says. Anything but a readable "killed" counts as "run": a fate torn by a crash may
+    hide a script that ran, so it is never taken for a tombstone."""
+
+    def __init__(self, text: str) -> None:
+        words = text.split(None, 1)
+        self.killed = bool(words) and words[0] == "killed"
+        self.why = words[1].strip() if self.killed and len(words) > 1 else ""
+        self.supervisor: int | None = None
+        self.supervisor_start: str | None = None
+        parts = text.split()
+        if not self.killed and len(parts) == 3 and parts[1].isdigit():
+            self.supervisor, self.supervisor_start = int(parts[1]), parts[2]
+
+    def supervisor_alive(self) -> bool:
+        return alive(self.supervisor, self.supervisor_start)
 
 
-def exec_script(d: str, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
-    """In the forked child: becomes the script, in its own process group, with no stdin."""
+def read_fate(d: str) -> Fate | None:
     try:
-        os.setpgid(0, 0)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(os.path.join(d, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        err = os.open(os.path.join(d, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(devnull, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        if cwd:
-            os.chdir(cwd)
-        os.execvpe(argv[0], argv, env)
-    except BaseException as e:
-        os.write(2, f"pythontask: cannot start {argv[0]}: {e}\n".encode())
-    os._exit(127)
+        with open(os.path.join(d, "fate")) as f:
+            return Fate(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return Fate("")  # there, but unreadable: it may have run
 
 
-def supervise(d: str, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
-    """Runs in the detached supervisor: starts the script, reaps, records the result."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # adopt and reap orphans
+def decide(d: str, fate: str) -> bool:
+    """Records D's fate unless it was decided before. Linking is atomic and exclusive: of a kill and a
+    supervisor racing, exactly one wins, and the content is complete before the name exists."""
+    # Unique even across pid namespaces sharing the volume: a shared temp file could be rewritten by
+    # the other side between our write and our link.
+    tmp = os.path.join(d, f".fate.{os.getpid()}.{os.urandom(6).hex()}")
+    write_new(tmp, fate.encode())
+    try:
+        os.link(tmp, os.path.join(d, "fate"))
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with ignoring(OSError):
+            os.unlink(tmp)
+
+
+def settle(d: str, why: str) -> Fate | None:
+    """D's fate; if undecided, decides it: killed (a tombstone). None if D is gone."""
+    fate = read_fate(d)
+    if fate is not None:
+        return fate
+    try:
+        decided = decide(d, "killed " + why)
+    except OSError:
+        return None if not os.path.isdir(d) else Fate("")
+    return Fate("killed " + why) if decided else read_fate(d)
+
+
+def read_pids(d: str) -> dict[str, Any] | None:
+    pids = read_json(os.path.join(d, "pid"))
+    return pids if isinstance(pids, dict) else None
+
+
+def read_result(d: str) -> dict[str, Any] | None:
+    result = read_json(os.path.join(d, "result.json"))
+    return result if isinstance(result, dict) else None
+
+
+def may_be_running(d: str, fate: Fate) -> bool:
+    if fate.killed or os.path.exists(os.path.join(d, "result.json")):
+        return False
+    if fate.supervisor_alive():
+        return True
+    pids = read_pids(d)
+    return pids is not None and group_alive(pids["pid"], pids.get("start"))
+
+
+def not_writable(e: OSError, path: str, d: str) -> Failure:
+    if e.errno not in NOT_WRITABLE:
+        return Failure(f"cannot create {path}: {e.strerror or e}")
+    state_dir = os.path.dirname(os.path.dirname(d.rstrip("/"))) or "/"
+    return Failure(
+        f"The state directory is not writable: {path}: {e.strerror or os.strerror(e.errno or 0)} "
+        f"(container user id {os.getuid()}). Mount a writable volume (an emptyDir) at {state_dir} or "
+        "set the operator's PYTHONTASK_STATE_DIR to a writable path.",
+        "StateDirNotWritable",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The supervisor (a forked child of the run agent) and the script
+
+
+class Run:
+    def __init__(self, d: str, req: dict[str, Any]) -> None:
+        self.dir = d
+        self.path = req.get("scriptPath") or os.path.join(d, "script.py")
+        self.argv = [*req["python"], "-u", self.path, *(req.get("args") or [])]
+        self.env = dict(os.environ)
+        self.env.update(req.get("env") or {})
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.cwd: str | None = req.get("workingDir") or None
+        self.max_output = int(req.get("maxOutputBytes") or 0)  # 0: unbounded
+        self.mask = [str(m) for m in req.get("mask") or []]
+
+
+WAITED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+
+
+def spawn_supervisor(run: Run) -> tuple[int, int]:
+    """Forks the supervisor; returns its pid and a pipe it signals on (a byte once the script started,
+    EOF when it exits)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # nothing of ours may hold the exec's stream open
+                os.dup2(null, fd)
+            supervise(run, w)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def supervise(run: Run, notify: int) -> None:
+    d = run.dir
+    try:
+        import ctypes  # noqa: PLC0415 - the supervisor's alone: a millisecond for every other exec
+
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the script's orphans are ours
+    except Exception:
+        pass
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)  # taken with sigtimedwait, handlers race
+    me = os.getpid()
+    if not decide(d, f"run {me} {start_time(me)}"):
+        return  # killed before the start: the script never runs
+    try:
+        result = run_script(run, notify)
+    except Exception as e:
+        result = {"error": f"the supervisor failed: {type(e).__name__}: {e}"}
+    write_atomic(os.path.join(d, "result.json"), to_json(result), sync=True)
+
+
+def run_script(run: Run, notify: int) -> dict[str, Any]:
+    d = run.dir
+    append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    out = os.open(os.path.join(d, "stdout"), append, 0o600)
+    err = os.open(os.path.join(d, "stderr"), append, 0o600)
     before = cgroup_counters()
     started = time.time()
     pid = os.fork()
     if pid == 0:
-        exec_script(d, argv, env, cwd)
-    with contextlib.suppress(OSError):
-        os.setpgid(pid, pid)  # also from this side, so the group exists before anyone signals it
+        exec_script(run, out, err)
+    with ignoring(OSError):
+        os.setpgid(pid, pid)  # also from this side: the group exists before anyone can signal it
     me = os.getpid()
-    record = {
-        "pid": pid,
-        "start": proc_start_time(pid),
-        "supervisor": me,
-        "supervisorStart": proc_start_time(me),
-    }
-    write_atomic(os.path.join(d, "pid"), json.dumps(record))
-
-    def forward(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = None
-    while status is None:
-        try:
-            reaped, st = os.wait()
-        except ChildProcessError:
-            break
-        if reaped == pid:
-            status = st
-    end_group(pid)
-    reap_all()
-    result: dict[str, Any] = {"startedAt": started, "finishedAt": time.time()}
-    if status is None:
-        result["error"] = "the script's exit status was lost"
-    elif os.WIFSIGNALED(status):
+    record = {"pid": pid, "start": start_time(pid), "supervisor": me, "supervisorStart": start_time(me)}
+    with ignoring(OSError):  # the script runs all the same; it must still be waited for
+        write_atomic(os.path.join(d, "pid"), to_json(record))
+        os.write(notify, b"s")
+    status, limited = wait_script(pid, out, err, run.max_output)
+    finished = time.time()
+    killed_by = read_json(os.path.join(d, "killed"))  # the kill op writes it before it signals
+    end_leftovers(pid)
+    after = cgroup_counters()
+    result: dict[str, Any] = {"startedAt": started, "finishedAt": finished}
+    if os.WIFSIGNALED(status):
         result["signal"] = os.WTERMSIG(status)
         result["exitCode"] = 128 + os.WTERMSIG(status)
     else:
         result["exitCode"] = os.WEXITSTATUS(status)
-    after = cgroup_counters()
+    if isinstance(killed_by, dict):
+        result["killedBy"] = {"why": str(killed_by.get("why", ""))}
+    if limited:
+        result["outputLimitExceeded"] = True
+    oom_kills = after.get("oomKills", 0) - before.get("oomKills", 0)
+    result["oomKilled"] = (
+        result.get("signal") == signal.SIGKILL and oom_kills > 0 and not killed_by and not limited
+    )
     # ru_maxrss of reaped descendants, in KiB on Linux: the script's own peak, whatever the cgroup says.
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    resources: dict[str, float] = {"scriptPeakRSSBytes": peak_rss}
+    resources: dict[str, float] = {
+        "scriptPeakRSSBytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    }
     if "memoryPeakBytes" in after:
         resources["containerMemoryPeakBytes"] = after["memoryPeakBytes"]
     for key, name in (("oomKills", "oomKills"), ("throttledPeriods", "cpuThrottledPeriods")):
@@ -251,167 +633,482 @@ def supervise(d: str, argv: list[str], env: dict[str, str], cwd: str | None) -> 
     if "throttledMicros" in after:
         resources["cpuThrottledSeconds"] = (after["throttledMicros"] - before.get("throttledMicros", 0)) / 1e6
     result["resources"] = resources
-    write_atomic(os.path.join(d, "result.json"), json.dumps(result))
+    return result
 
 
-def start(d: str, req: dict[str, Any], script: bytes) -> bool:
-    """Creates the attempt directory and launches the detached supervisor. At most once per dir."""
-    os.makedirs(os.path.dirname(d), mode=0o700, exist_ok=True)
+def exec_script(run: Run, out: int, err: int) -> None:
+    """In the forked child: becomes the script, in its own process group, with no stdin."""
     try:
-        os.mkdir(d, 0o700)
-    except FileExistsError:
-        return False  # this attempt was started before (operator restart): never run it twice
-    path = req.get("scriptPath") or os.path.join(d, "script.py")
-    if not req.get("scriptPath"):
-        with open(path, "wb") as f:
-            f.write(script)
-    env = dict(os.environ)
-    env.update(req.get("env") or {})
-    env["PYTHONUNBUFFERED"] = "1"
-    argv = [*req["python"], "-u", path, *(req.get("args") or [])]
-    # Double fork: the supervisor must not belong to this exec session, so a dropped stream (or a
-    # runtime that kills the session's processes) leaves the script running and its result recorded.
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the script starts afresh
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        if run.cwd:
+            os.chdir(run.cwd)
+        os.execvpe(run.argv[0], run.argv, run.env)
+    except BaseException as e:
+        os.write(2, f"pythontask: cannot start {run.argv[0]}: {e}\n".encode())
+    os._exit(127)
+
+
+def reap(script: int) -> int | None:
+    """Reaps every child that has exited (the script, adopted orphans); the script's status if it did."""
+    status = None
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status
+        if pid == 0:
+            return status
+        if pid == script:
+            status = st
+
+
+def wait_script(pid: int, out: int, err: int, max_output: int) -> tuple[int, bool]:
+    """Waits for the script, forwarding SIGTERM and SIGINT to its group and bounding its output;
+    returns its wait status and whether the output limit killed it."""
+    poll = POLL_MIN_SECONDS
+    size = 0
+    limited_at = limited_size = None
+    while True:
+        info = signal.sigtimedwait(WAITED, poll if max_output else 60.0)
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            with ignoring(OSError):
+                os.killpg(pid, info.si_signo)
+        status = reap(pid)
+        if status is not None:
+            return status, limited_at is not None
+        if not max_output:
+            continue
+        grown = os.fstat(out).st_size + os.fstat(err).st_size
+        poll = POLL_MIN_SECONDS if grown != size else min(POLL_MAX_SECONDS, poll * 1.5)
+        size = grown
+        # Back off only as far as a sudden flood could not cross the limit meanwhile.
+        poll = max(POLL_MIN_SECONDS, min(poll, (max_output - size) / FLOOD_BYTES_PER_SECOND))
+        if size > max_output:
+            now = time.monotonic()
+            if limited_at is None or limited_size is None:
+                limited_at, limited_size = now, size
+                sig = signal.SIGTERM
+            elif now - limited_at >= OUTPUT_LIMIT_GRACE_SECONDS or size - limited_size > CHUNK:
+                sig = signal.SIGKILL  # it goes on writing: no more grace
+            else:
+                continue
+            with ignoring(OSError):
+                os.killpg(pid, sig)
+
+
+def own_children() -> list[int]:
+    me = str(os.getpid())
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    return [p for p in pids if (proc_stat(p) or ["", ""])[1] == me]
+
+
+def has_children() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)  # reaps one that just exited, if any: the caller looks again
+    except ChildProcessError:
+        return False
+    return True
+
+
+def end_leftovers(pgid: int) -> None:
+    """Ends what the script left running, as a container runtime would: its process group, and the
+    orphans we adopted (children that left the group). SIGTERM, then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, LEFTOVER_GRACE_SECONDS), (signal.SIGKILL, KILL_FORCED_WAIT_SECONDS)):
+        with ignoring(OSError):
+            os.killpg(pgid, sig)
+        signalled: set[int] = set()
+        deadline = time.monotonic() + grace
+        while True:
+            reap(0)
             try:
-                supervise(d, argv, env, req.get("workingDir"))
-            finally:
-                os._exit(0)
-        os._exit(0)
-    os.wait()
-    return True
+                os.killpg(pgid, 0)
+                group = True
+            except OSError:
+                group = False
+            children = has_children()
+            if not group and not children:
+                return
+            if children:
+                for child in own_children():  # adopted since the last look too
+                    if child not in signalled:
+                        signalled.add(child)
+                        with ignoring(OSError):
+                            os.kill(child, sig)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.05))
 
 
-def wait_started(d: str) -> bool:
-    deadline = time.time() + START_TIMEOUT_SECONDS
-    while read_pids(d) is None and read_result(d) is None:
-        if time.time() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+# ---------------------------------------------------------------------------------------------------
+# Following an attempt
 
 
-def follow(d: str, from_start: bool, tail: int) -> int:
-    """Streams the script's output until its result is recorded, then sends the result."""
-    if not wait_started(d):
-        message(type="error", message=f"the script did not start within {START_TIMEOUT_SECONDS:g}s")
-        return AGENT_FAILURE
-    pids = read_pids(d) or {}
-    message(type="started", pid=pids.get("pid"))
-    streams = [(os.path.join(d, "stdout"), b"O"), (os.path.join(d, "stderr"), b"E")]
-    opened: list[BinaryIO | None] = [None, None]
-    result = None
-    last_beat = time.time()
+class Supervisor:
+    """A run agent's own supervisor (main reaps it before exiting, whatever happened, so that it is
+    never left to a PID 1 that may not reap): its pipe wakes us when the script started and when it exits."""
+
+    def __init__(self, pid: int, pipe: int) -> None:
+        self.pid = pid
+        self.pipe: int | None = pipe
+        self.reaped = False
+
+    def exited(self) -> bool:
+        return self.pipe is None
+
+    def wait(self, ch: Channel, seconds: float) -> None:
+        seconds = min(seconds, ch.until_beat() + 0.001)
+        if self.pipe is None:
+            time.sleep(seconds)
+        elif select.select([self.pipe], [], [], seconds)[0] and not os.read(self.pipe, 64):
+            os.close(self.pipe)  # EOF: it has exited
+            self.pipe = None
+        ch.beat()
+
+    def reap(self) -> None:
+        if not self.reaped:
+            with ignoring(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.reaped = True
+
+
+SUPERVISORS: list[Supervisor] = []
+
+
+def pause(ch: Channel, sup: Supervisor | None, seconds: float) -> None:
+    if sup is not None:
+        sup.wait(ch, seconds)
+    else:
+        ch.pause(seconds)
+
+
+def supervisor_gone(fate: Fate, sup: Supervisor | None) -> bool:
+    return sup.exited() if sup is not None else not fate.supervisor_alive()
+
+
+class Stream:
+    def __init__(self, path: str, kind: bytes) -> None:
+        self.path, self.kind = path, kind
+        self.file: BinaryIO | None = None
+
+    def drain(self, ch: Channel, replay: int | None) -> bool:
+        """Sends what is new; `replay`: on first opening, send only that many last bytes."""
+        if self.file is None:
+            try:
+                self.file = open(self.path, "rb")  # noqa: SIM115 - kept open across polls, closed by close()
+            except FileNotFoundError:
+                return False
+            if replay is not None:
+                self.file.seek(max(0, os.fstat(self.file.fileno()).st_size - replay))
+        moved = False
+        data = self.file.read(CHUNK)
+        while data and ch.open:
+            moved = True
+            ch.send(self.kind, data)
+            data = self.file.read(CHUNK)
+        return moved
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def follow(ch: Channel, d: str, replay: int | None, sup: Supervisor | None = None) -> bool:
+    """Follows D to its result and sends it (True), or answers `tombstoned` (False).
+    `replay`: send only the last that many bytes already written (None: everything)."""
+    poll = POLL_MIN_SECONDS
+    deadline = time.monotonic() + DECIDE_TIMEOUT_SECONDS
+    fate = read_fate(d)
+    while fate is None:
+        if (sup is not None and sup.exited()) or time.monotonic() > deadline:
+            # Claimed, but whoever claimed it is gone without a decision: make sure it never starts.
+            fate = settle(d, "abandoned before its start")
+            break
+        pause(ch, sup, poll)
+        poll = min(POLL_MAX_SECONDS, poll * 1.5)
+        fate = read_fate(d)
+    if fate is None or fate.killed:
+        ch.message("tombstoned")
+        return False
+
+    pids = read_pids(d)
+    while pids is None and not os.path.exists(os.path.join(d, "result.json")):
+        if supervisor_gone(fate, sup) or time.monotonic() > deadline:
+            break
+        pause(ch, sup, poll)
+        poll = min(POLL_MAX_SECONDS, poll * 1.5)
+        pids = read_pids(d)
+    mask = read_json(os.path.join(d, "mask.json"))
+    ch.message("started", pid=pids.get("pid") if pids else None, mask=mask if isinstance(mask, list) else [])
+
+    streams = [Stream(os.path.join(d, "stdout"), b"O"), Stream(os.path.join(d, "stderr"), b"E")]
     caught_up = False
     poll = POLL_MIN_SECONDS
-    with contextlib.ExitStack() as files:
+    try:
         while True:
             # Read the result before draining: output written before it was recorded is not missed.
             result = read_result(d)
             moved = False
-            for i, (path, kind) in enumerate(streams):
-                f = opened[i]
-                if f is None:
-                    if not os.path.exists(path):
-                        continue
-                    f = opened[i] = files.enter_context(open(path, "rb"))
-                    if not from_start:  # reattaching: resend only the tail
-                        f.seek(max(0, os.path.getsize(path) - tail))
-                data = f.read(CHUNK)
-                while data:
-                    moved = True
-                    send(kind, data)
-                    data = f.read(CHUNK)
+            for stream in streams:
+                moved = stream.drain(ch, None if caught_up else replay) or moved
+            if not ch.open:
+                return False
             if not caught_up:
-                # What was already on disk has been sent (on a reattach: the replayed tail).
-                message(type="caughtUp")
+                ch.message("caughtUp")
                 caught_up = True
             if result is not None:
                 break
-            supervisor_dead = pids and not alive(pids["supervisor"], pids["supervisorStart"])
-            if supervisor_dead and read_result(d) is None and not group_alive(pids["pid"], pids["start"]):
-                # The supervisor was killed (e.g. by the OOM killer): nobody will record the status.
-                result = {"error": "the script's supervisor died, so its exit status is unknown"}
-                break
-            now = time.time()
-            if now - last_beat >= HEARTBEAT_SECONDS:
-                message(type="heartbeat")
-                last_beat = now
+            if supervisor_gone(fate, sup) and read_result(d) is None:
+                pids = pids or read_pids(d)
+                if not pids or not group_alive(pids["pid"], pids.get("start")):
+                    # Killed (say by the OOM killer) before it recorded anything: the status is lost.
+                    result = {"error": "the script's supervisor died, so its exit status is unknown"}
+                    break
             if moved:
                 poll = POLL_MIN_SECONDS
+                ch.beat()
             else:
-                time.sleep(poll)
+                pause(ch, sup, poll)
                 poll = min(POLL_MAX_SECONDS, poll * 1.5)
-    totals = {
-        name: os.path.getsize(path) if os.path.exists(path) else 0
-        for (path, _), name in zip(streams, ("stdout", "stderr"))
-    }
-    message(type="result", result=result, totals=totals)
-    code = result.get("exitCode")
-    return code if isinstance(code, int) else AGENT_FAILURE
+    finally:
+        for stream in streams:
+            stream.close()
+    totals = {}
+    for name in ("stdout", "stderr"):
+        try:
+            totals[name] = os.path.getsize(os.path.join(d, name))
+        except OSError:
+            totals[name] = 0
+    ch.message("result", result=result, totals=totals)
+    return True
 
 
-def kill(d: str, grace: float) -> int:
-    pids = read_pids(d)
-    if pids is None or not group_alive(pids["pid"], pids["start"]):
-        message(type="killed", wasRunning=False, gone=True)
-        return 0
-    pgid, start_time = pids["pid"], pids["start"]
-    forced = False
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        if sig == signal.SIGKILL:
-            forced = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.time() + wait
-        while time.time() < deadline and group_alive(pgid, start_time):
-            time.sleep(0.02)
-        if not group_alive(pgid, start_time):
-            break
-    message(type="killed", wasRunning=True, forced=forced, gone=not group_alive(pgid, start_time))
-    return 0
+def finish(ch: Channel, stdin: BinaryIO, d: str) -> None:
+    """After the result: the operator acknowledges with "forget" once it has recorded it."""
+    if ch.open and read_ack(ch, stdin, ACK_TIMEOUT_SECONDS).strip() == b"forget":
+        removed, skipped, _ = forget([d], [])
+        ch.message("forgotten", removed=removed, skipped=skipped)
 
 
-def forget(dirs: list[str]) -> int:
-    """Removes attempt directories whose results are recorded (never a whole task: a rerun's fresh
-    attempt may already be starting beside them)."""
-    removed = 0
-    for d in dirs:
+# ---------------------------------------------------------------------------------------------------
+# Operations
+
+
+def op_run(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
+    d = req["dir"]
+    script = read_blob(stdin)
+    replay = int(req.get("tail", 65536))
+    if not os.path.isdir(d):
+        path = req.get("scriptPath")
+        if path and not os.path.isfile(path):
+            raise Failure(f"{path} is not a file in the container", "ScriptNotFound")
+        run = Run(d, req)
+        age = process_age()
+        if age is not None and age > START_WINDOW_SECONDS:
+            raise Failure(
+                f"the agent got its request {age:.0f}s after it started (more than "
+                f"{START_WINDOW_SECONDS:g}s): the operator has given up on this exec, so it starts nothing"
+            )
+        parent = os.path.dirname(d.rstrip("/"))
+        try:
+            os.makedirs(parent, 0o700, exist_ok=True)
+        except OSError as e:
+            raise not_writable(e, parent, d) from None
+        try:
+            os.mkdir(d, 0o700)  # the claim: exclusive
+            claimed = True
+        except FileExistsError:
+            claimed = False
+        except OSError as e:
+            raise not_writable(e, d, d) from None
+        if claimed:
+            try:
+                if not req.get("scriptPath"):
+                    write_new(run.path, script)
+                write_new(os.path.join(d, "mask.json"), to_json(run.mask).encode())
+            except OSError as e:
+                settle(d, f"not started: {e}")  # claimed but never to start: a follower need not wait
+                raise not_writable(e, e.filename or d, d) from None
+            try:
+                sup = Supervisor(*spawn_supervisor(run))
+            except OSError as e:
+                settle(d, f"not started: {e}")
+                raise Failure(f"cannot start the script's supervisor: {e}") from None
+            SUPERVISORS.append(sup)
+            ch.message("accepted", fresh=True)
+            if follow(ch, d, None, sup):
+                sup.reap()
+                finish(ch, stdin, d)
+            return
+    fate = read_fate(d)
+    if fate is not None and fate.killed:
+        ch.message("tombstoned")
+        return
+    ch.message("accepted", fresh=False)
+    if follow(ch, d, replay):
+        finish(ch, stdin, d)
+
+
+def op_follow(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
+    d = req["dir"]
+    if not os.path.isdir(d):
+        ch.message("missing")
+    elif follow(ch, d, int(req.get("tail", 65536))):
+        finish(ch, stdin, d)
+
+
+def op_kill(ch: Channel, req: dict[str, Any]) -> None:
+    d = req["dir"]
+    why = str(req.get("why") or "killed")
+    grace = float(req.get("grace", 5))
+    try:
+        os.makedirs(d, 0o700, exist_ok=True)
+        tombstoned = decide(d, "killed " + why)
+    except OSError as e:
         if os.path.isdir(d):
-            shutil.rmtree(d, ignore_errors=True)
-            removed += 1
-    message(type="forgotten", removed=removed)
-    return 0
+            raise not_writable(e, d, d) from None
+        # Nothing can be there, and nothing can start there.
+        ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=False)
+        return
+    fate = Fate("killed") if tombstoned else read_fate(d) or Fate("")
+    if fate.killed:
+        ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=True)
+        return
+    # It was started: wait until the supervisor recorded the script's pid (it forks right after deciding).
+    deadline = time.monotonic() + DECIDE_TIMEOUT_SECONDS
+    pids = read_pids(d)
+    while pids is None and fate.supervisor_alive() and time.monotonic() < deadline:
+        ch.pause(0.01)
+        pids = read_pids(d)
+    if pids is None or os.path.exists(os.path.join(d, "result.json")):
+        gone = not fate.supervisor_alive()
+        ch.message("killed", wasRunning=False, gone=gone, forced=False, tombstoned=False)
+        return
+    pgid, start = pids["pid"], pids.get("start")
+    if not group_alive(pgid, start):
+        ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=False)
+        return
+    with ignoring(OSError):  # killing it matters more than saying why
+        # Before signalling: a result recorded after our signal says who killed it, even if the operator
+        # crashes before writing its status.
+        write_atomic(os.path.join(d, "killed"), to_json({"why": why, "at": time.time()}))
+    forced = False
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_FORCED_WAIT_SECONDS)):
+        forced = sig == signal.SIGKILL
+        with ignoring(OSError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and group_alive(pgid, start):
+            ch.pause(0.02)
+        if not group_alive(pgid, start):
+            break
+    ch.message("killed", wasRunning=True, gone=not group_alive(pgid, start), forced=forced, tombstoned=False)
+
+
+def removable(d: str) -> bool:
+    """Whether D can go: its script is not running and can never start (an undecided D is tombstoned)."""
+    fate = settle(d, "forgotten")
+    return fate is None or not may_be_running(d, fate)
+
+
+def remove_tree(path: str) -> None:
+    """rm -r (shutil's import costs more than this)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        with ignoring(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(entry.path)
+            else:
+                os.unlink(entry.path)
+    with ignoring(OSError):
+        os.rmdir(path)
+
+
+def forget(dirs: list[str], tasks: list[str]) -> tuple[int, int, list[str]]:
+    """Removes attempt directories (and task directories, whole) whose scripts are not running."""
+    removed, skipped = 0, []
+
+    def attempt(d: str) -> bool:
+        nonlocal removed
+        if not os.path.isabs(d) or os.path.normpath(d) == "/":
+            skipped.append(d)  # never ours
+            return False
+        if not os.path.isdir(d):
+            return not os.path.lexists(d)
+        if not removable(d):
+            skipped.append(d)
+            return False
+        remove_tree(d)
+        if os.path.lexists(d):
+            skipped.append(d)
+            return False
+        removed += 1
+        return True
+
+    for d in dirs:
+        if attempt(d):
+            with ignoring(OSError):
+                os.rmdir(os.path.dirname(os.path.normpath(d)))  # the task dir, if that was its last one
+    for t in tasks:
+        if not os.path.isabs(t) or os.path.normpath(t) == "/" or not os.path.isdir(t):
+            continue
+        entries = [os.path.join(t, name) for name in os.listdir(t)]
+        kept = [e for e in entries if os.path.isdir(e) and not os.path.islink(e) and not attempt(e)]
+        if not kept:
+            remove_tree(t)
+    return removed, len(skipped), skipped
 
 
 def main() -> int:
-    req = json.loads(read_blob())
-    op, d = req["op"], req.get("dir", "")
-    tail = int(req.get("tail", 65536))
-    if op == "run":
-        script = read_blob()
-        path = req.get("scriptPath")
-        if path and not os.path.isdir(d) and not os.path.isfile(path):
-            message(type="error", reason="ScriptNotFound", message=f"{path} is not a file in the container")
-            return AGENT_FAILURE
-        fresh = start(d, req, script)
-        message(type="accepted", fresh=fresh)
-        return follow(d, fresh, tail)
-    if op == "follow":
-        if not os.path.isdir(d):
-            message(type="missing")
-            return 0
-        return follow(d, False, tail)
-    if op == "kill":
-        return kill(d, float(req.get("grace", 5)))
-    if op == "forget":
-        return forget(req.get("dirs") or [d])
-    message(type="error", message=f"unknown op {op!r}")
-    return AGENT_FAILURE
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a gone stream is an EPIPE we handle, not death
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so our supervisor is ours to reap
+    ch = Channel()
+    stdin = sys.stdin.buffer
+    try:
+        req = from_json(read_blob(stdin))
+        op = req.get("op")
+        if op == "run":
+            op_run(ch, stdin, req)
+        elif op == "follow":
+            op_follow(ch, stdin, req)
+        elif op == "kill":
+            op_kill(ch, req)
+        elif op == "forget":
+            removed, skipped, skipped_dirs = forget(req.get("dirs") or [], req.get("tasks") or [])
+            ch.message("forgotten", removed=removed, skipped=skipped, skippedDirs=skipped_dirs)
+        else:
+            raise Failure(f"unknown op {op!r}")
+    except Failure as e:
+        fields = {"reason": e.reason} if e.reason else {}
+        ch.message("error", message=str(e), **fields)
+        return 1
+    except Exception as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" (agent line {tb.tb_lineno})" if tb is not None else ""
+        ch.message("error", message=f"the agent failed: {type(e).__name__}: {e}{where}")
+        return 1
+    finally:
+        for sup in SUPERVISORS:
+            sup.reap()
+    return 0
 
 
-sys.exit(main())
+if __name__ == "__main__":
+    # os._exit: nothing is buffered (we write with os.write), and a reader thread blocked on stdin must
+    # not hold up the interpreter's shutdown.
+    os._exit(main())
