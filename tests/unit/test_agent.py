@@ -361,6 +361,17 @@ def test_an_attempt_dir_is_started_at_most_once(state: Path, tmp_path: Path) -> 
     assert runs.read_text() == "ran\n"
 
 
+def test_a_claim_nobody_decided_is_tombstoned_by_its_follower(state: Path, tmp_path: Path) -> None:
+    d = state / "task" / "a1"
+    d.mkdir(parents=True)  # as a run agent that died between its claim and its supervisor's decision
+    follow = call({"op": "follow", "dir": str(d), "tail": 10}, env={"PYTHONTASK_AGENT_DECIDE_TIMEOUT": "0.3"})
+    assert follow.types == ["tombstoned"]
+    assert fate_of(d).startswith("killed ")
+    run = call(run_request(d, args=["a1"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())
+    assert run.types == ["tombstoned"]
+    assert not (tmp_path / "a1").exists()
+
+
 def test_a_missing_dir_is_reported_to_follow(state: Path) -> None:
     reply = call({"op": "follow", "dir": str(state / "nope" / "a1"), "tail": 10})
     assert reply.types == ["missing"]
@@ -505,6 +516,20 @@ def test_a_script_that_ignores_sigterm_is_forced_and_not_taken_for_an_oom_kill(s
     assert (result["exitCode"], result["signal"]) == (137, signal.SIGKILL)
     assert result["killedBy"] == {"why": "AttemptTimeout"}
     assert result["oomKilled"] is False
+    assert runner.close() == 0
+
+
+def test_the_supervisor_has_its_own_session_and_forwards_sigterm(state: Path, tmp_path: Path) -> None:
+    d = state / "task" / "a1"
+    runner = Agent(run_request(d, args=["a1"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())
+    runner.wait_output(b"ready\n")
+    supervisor = int(fate_of(d).split()[1])
+    stat = Path(f"/proc/{supervisor}/stat").read_text()
+    assert stat[stat.rindex(")") + 2 :].split()[3] == str(supervisor)  # a session leader: setsid
+    os.kill(supervisor, signal.SIGTERM)  # as a container runtime stopping everything would
+    result = runner.wait_for("result")["result"]
+    assert (result["exitCode"], result["signal"]) == (143, signal.SIGTERM)
+    assert "killedBy" not in result  # no kill op did it
     assert runner.close() == 0
 
 

@@ -62,7 +62,7 @@
 #   - forget never removes an attempt whose script may still be running.
 #
 # Test-only overrides (environment, seconds): PYTHONTASK_AGENT_HEARTBEAT, PYTHONTASK_AGENT_START_WINDOW,
-# PYTHONTASK_AGENT_ACK_TIMEOUT.
+# PYTHONTASK_AGENT_ACK_TIMEOUT, PYTHONTASK_AGENT_DECIDE_TIMEOUT.
 from __future__ import annotations
 
 import errno
@@ -97,7 +97,7 @@ HEARTBEAT_SECONDS = _seconds("PYTHONTASK_AGENT_HEARTBEAT", 5.0)
 START_WINDOW_SECONDS = _seconds("PYTHONTASK_AGENT_START_WINDOW", 60.0)
 ACK_TIMEOUT_SECONDS = _seconds("PYTHONTASK_AGENT_ACK_TIMEOUT", 120.0)
 # How long a claimed D may wait for its fate, and a "run" fate for its pid file.
-DECIDE_TIMEOUT_SECONDS = 30.0
+DECIDE_TIMEOUT_SECONDS = _seconds("PYTHONTASK_AGENT_DECIDE_TIMEOUT", 30.0)
 # A write to the exec stream blocked this long: nobody reads it any more.
 STALL_SECONDS = 30.0
 # Poll fast while output flows, back off while it does not: a thousand quiet scripts must not
