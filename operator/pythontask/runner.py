@@ -192,10 +192,12 @@ class TaskRunner:
                 try:
                     state = await self._step(spec, policy, state)
                 except TaskFailure as failure:
-                    current = state.current
-                    if current is not None:  # abandoning a recorded attempt: make sure it cannot run
-                        await settle(self.ctx, self.body, current, failure.reason)
-                    state = machine.give_up(state, failure.reason, failure.message, time.time())
+                    current = self.state.current
+                    if current is not None:
+                        # Abandoning a recorded attempt (it never started, or could not be confirmed gone
+                        # before timeouts.total): one more try to make sure it cannot run.
+                        await settle(self.ctx, self.body, current, failure.reason, deadline=time.time())
+                    state = machine.give_up(self.state, failure.reason, failure.message, time.time())
                 self.state = state
             await self._write_final(spec, state)
 
