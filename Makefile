@@ -6,8 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCAL_KUBECONFIG := $(CURDIR)/.local/kubeconfig
 PYTEST_ARGS ?=
+# The operator image for `make docker-build` / `make deploy` on a cluster named by KUBECONFIG.
+IMG ?=
+CONTAINER_TOOL ?= docker
 
-.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench clean
+.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench clean image docker-build deploy undeploy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,25 @@ cluster: binaries
 cluster-down:
 	hack/cluster.sh down
 
+# The operator image, built with buildah from the Dockerfile (no Docker daemon, no registry) on the local
+# base image, and imported into the local cluster's real node; prints its reference.
+image: cluster
+	hack/operator-image.sh build
+
+# For kind or any cluster: docker (or CONTAINER_TOOL=podman) builds IMG from the Dockerfile.
+docker-build:
+	@test -n "$(IMG)" || { echo "usage: make docker-build IMG=name:tag" >&2; exit 2; }
+	$(CONTAINER_TOOL) build -t "$(IMG)" "$$(hack/operator-image.sh context)"
+
+# The operator in the cluster, as its ServiceAccount. No KUBECONFIG: the local cluster, with the image
+# built here (make image). KUBECONFIG set: that cluster, with IMG (make deploy IMG=name:tag).
+deploy: binaries
+	IMG="$(IMG)" hack/deploy.sh apply
+
+# Removes the operator (namespace and RBAC); the CRD stays, and with it every PythonTask.
+undeploy: binaries
+	hack/deploy.sh delete
+
 KUBECTL = "$$(hack/build-cluster-binaries.sh | tail -n1)/kubectl"
 
 # With no KUBECONFIG: bring up the local cluster, install the CRD, run the operator in the foreground.
@@ -38,14 +60,14 @@ run: venv
 	  exec $(PY) -m pythontask --all-namespaces
 
 lint: venv
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator tests bench hack
+	$(VENV)/bin/ruff format --check operator tests bench hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
 fmt: venv
-	$(VENV)/bin/ruff format operator tests bench
-	$(VENV)/bin/ruff check --fix operator tests bench
+	$(VENV)/bin/ruff format operator tests bench hack
+	$(VENV)/bin/ruff check --fix operator tests bench hack
 
 unit: venv
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -16,6 +16,7 @@
 # directories the kubelet, CNI and containerd insist on (/var/lib/kubelet/device-plugins,
 # /var/log/containers, /var/lib/cni, /run/containerd/s; removed on down when they were not there before).
 # The node's address is on the bridge and nothing touches iptables or ip_forward: no traffic leaves.
+# Pods there reach the apiserver as kubernetes.default.svc:443 (see apiproxy_up), with hostAliases.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,20 +33,25 @@ LOGS=$LOCAL/logs/real-node-$NAME
 # per checkout, so the rendered cluster configuration never changes.
 KUBELET_CLIENT_PKI=$LOCAL/kubelet-client-pki
 HOST_BEFORE=$STATES/host-before
-PACKAGES=(containerd runc containernetworking-plugins debootstrap buildah)
+PACKAGES=(containerd runc containernetworking-plugins socat debootstrap buildah)
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys
   kernel.keys.root_maxbytes)
 FIXED_DIRS=(/var/lib/kubelet /var/log/containers /var/lib/cni /run/containerd)
 CNI_BIN=/usr/lib/cni
 log() { echo "[real-node] $*" >&2; }
 
-# Per cluster: a bridge name (at most 15 characters), a /24 and a cgroup root, all from the cluster name,
-# so a second cluster's real node (tests) does not collide with the first.
-NET_ID=$(printf '%s' "$NAME" | cksum | cut -d' ' -f1)
+# Per checkout and cluster: a bridge name (at most 15 characters), a /24 and a cgroup root, so that a
+# second cluster's real node (tests), or another checkout's, does not collide with this one.
+NET_ID=$(printf '%s' "$ROOT/$NAME" | cksum | cut -d' ' -f1)
 BRIDGE=ptrn$(printf '%08x' "$NET_ID" | cut -c1-8)
 NODE_IP=10.88.$((100 + NET_ID % 150)).1
+CGROUP_ROOT=/pythontask-$NAME-$(printf '%08x' "$NET_ID" | cut -c1-6)
+# A node keeps the names it was started with: `down` must undo what `up` did, whatever this script says now.
+if [[ -f $STATE/names ]]; then
+  # shellcheck source=/dev/null
+  source "$STATE/names"
+fi
 SUBNET=${NODE_IP%.1}.0/24
-CGROUP_ROOT=/pythontask-$NAME
 SOCK=$STATE/run/containerd/containerd.sock
 
 # The cluster binaries (kubectl, kubelet): from hack/cluster.sh, or looked up (cached builds).
@@ -401,6 +407,18 @@ EOF
 
 kubelet_healthy() { curl -sf --max-time 2 "http://$NODE_IP:10248/healthz" >/dev/null; }
 
+# The `kubernetes` Service for pods here. The cluster has no kube-proxy (and no DNS): the apiserver
+# listens on loopback only, so pods reach it through this forward on the node's bridge address, port 443
+# like the Service, as kubernetes.default.svc (in its certificate) through the pod's hostAliases.
+# Nothing but the bridge can reach that address.
+apiproxy_up() {
+  alive "$STATE/apiproxy.pid" && return 0
+  local port
+  port=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}' | sed -E 's#.*:([0-9]+)/?$#\1#')
+  rm -f "$STATE/apiproxy.lock"  # socat's own lock: it would refuse to start over a stale one
+  start apiproxy socat -L "$STATE/apiproxy.lock" "TCP-LISTEN:443,bind=$NODE_IP,fork,reuseaddr" "TCP:127.0.0.1:$port"
+}
+
 node_ready() {
   [[ $(kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]
 }
@@ -408,12 +426,13 @@ node_ready() {
 # --- commands -------------------------------------------------------------------------------------
 
 up() {
-  if alive "$STATE/kubelet.pid" && alive "$STATE/containerd.pid" && ip link show "$BRIDGE" >/dev/null 2>&1 &&
-    node_ready; then
+  if alive "$STATE/kubelet.pid" && alive "$STATE/containerd.pid" && alive "$STATE/apiproxy.pid" &&
+    ip link show "$BRIDGE" >/dev/null 2>&1 && node_ready; then
     return 0
   fi
   local started=$SECONDS
   mkdir -p "$STATE" "$LOGS"
+  printf '%s\n' "BRIDGE=$BRIDGE" "NODE_IP=$NODE_IP" "CGROUP_ROOT=$CGROUP_ROOT" >"$STATE/names"
   install_packages
   [[ -x $BIN/kubelet ]] || { log "no kubelet in $BIN"; return 1; }
   record_host
@@ -422,6 +441,7 @@ up() {
   containerd_up
   images_up
   kubelet_up
+  apiproxy_up
   # A node that was Ready before a restart still says so: ask the new kubelet itself first.
   wait_for 60 "the kubelet's /healthz (see $LOGS/kubelet.log)" kubelet_healthy
   wait_for 120 "node $NODE Ready (see $LOGS/kubelet.log)" node_ready

@@ -1,0 +1,152 @@
+"""`make deploy` on the local cluster: the operator's own image (Dockerfile, built with buildah on the
+local base image) runs IN the cluster on the real node, as its ServiceAccount, and runs a PythonTask in
+a real container. Uses neither the `tasks` nor the `operator` fixture: the operator under test is the
+in-cluster one, and the session's operator process, if a previous test started it, is paused meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from support import real_node as real
+from support.cluster import ROOT, Cluster, processes_mentioning
+from support.objects import is_ready
+from support.tasks import TaskClient
+from support.waiting import eventually
+
+NAMESPACE = "pythontask-system"
+DEPLOYMENT = "pythontask-operator"
+
+
+@pytest.fixture
+def deployed(cluster: Cluster, real_node: str) -> Iterator[None]:
+    """`make deploy` as a user runs it (no KUBECONFIG: the local cluster); the Deployment is deleted
+    afterwards, so that it does not compete with the session's operator."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "IMG")}
+    result = subprocess.run(
+        ["make", "--no-print-directory", "deploy"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    try:
+        yield
+    finally:
+        cluster.kubectl(
+            "delete", "deployment", DEPLOYMENT, "-n", NAMESPACE, "--ignore-not-found", "--wait=true"
+        )
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+@contextmanager
+def session_operators_paused() -> Iterator[list[int]]:
+    """SIGSTOP for the operator processes this test session started (they watch every namespace), so
+    that only the in-cluster operator can act on this test's task; SIGCONT afterwards."""
+    me = os.getpid()
+    pids = [pid for pid, _ in processes_mentioning(" -m pythontask ") if _parent(pid) == me]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def _operator_pod(core: client.CoreV1Api) -> Any:
+    pods = await core.list_namespaced_pod(
+        NAMESPACE, label_selector="app.kubernetes.io/name=pythontask-operator"
+    )
+    ready = [p for p in pods.items if is_ready(p)]
+    return ready[0] if len(ready) == 1 else None
+
+
+async def test_make_deploy_runs_the_operator_in_the_cluster(
+    deployed: None, api: client.ApiClient, core: client.CoreV1Api, cluster: Cluster
+) -> None:
+    # Ready means its readiness probe, on the liveness endpoint, answers.
+    pod = await eventually(lambda: _operator_pod(core), within=120, what="a Ready operator pod")
+    name = pod.metadata.name
+    assert pod.spec.node_name == real.NODE
+    container = pod.spec.containers[0]
+    assert container.image.startswith(real.OPERATOR_IMAGE + ":")
+    assert container.image_pull_policy == "Never"
+    assert container.security_context.read_only_root_filesystem is True
+    # In-cluster credentials only: its ServiceAccount's projected token, no kubeconfig.
+    assert pod.spec.service_account_name == "pythontask-operator"
+    assert any(v.projected for v in pod.spec.volumes), "no projected ServiceAccount token"
+    assert not any(e.name == "KUBECONFIG" for e in container.env or [])
+    # The container really is read-only and unprivileged, not just declared so.
+    probe = (
+        "import os\ntry:\n    open('/probe', 'w')\nexcept OSError as e:\n    print(os.getuid(), e.strerror)"
+    )
+    out = cluster.kubectl("exec", "-n", NAMESPACE, name, "--", "python3", "-c", probe).stdout
+    assert out == "10001 Read-only file system\n"
+
+    namespace = f"deploy-{uuid.uuid4().hex[:6]}"
+    await core.create_namespace({"metadata": {"name": namespace, "labels": {"pythontask.dev/test": "true"}}})
+    try:
+        await _run_a_task_in_cluster(api, core, cluster, namespace, name)
+    finally:
+        await core.delete_namespace(namespace, grace_period_seconds=0)
+    restarts = (await core.read_namespaced_pod(name, NAMESPACE)).status.container_statuses[0].restart_count
+    assert restarts == 0  # the liveness probe never failed
+
+
+async def _run_a_task_in_cluster(
+    api: client.ApiClient, core: client.CoreV1Api, cluster: Cluster, namespace: str, operator_pod: str
+) -> None:
+    async def default_service_account() -> bool:
+        accounts = await core.list_namespaced_service_account(
+            namespace, field_selector="metadata.name=default"
+        )
+        return bool(accounts.items)
+
+    await eventually(default_service_account, within=60, what=f"the default ServiceAccount in {namespace}")
+    await real.ready_real_pod(core, namespace, "target")
+    tasks = TaskClient(api, namespace)
+    script = "import os, sys\nprint('in-cluster', sys.version_info[0], os.environ['PYTHONTASK_ATTEMPT'])\n"
+    with session_operators_paused() as paused:
+        await tasks.create("hello", {"target": {"podName": "target"}, "script": {"inline": script}})
+        status = await tasks.wait_status("hello", within=120)
+        outcome = f"{status.get('reason')}: {status.get('message')}"
+        assert (status["phase"], status.get("exitCode")) == ("Succeeded", 0), outcome
+        assert status["output"]["stdout"] == "in-cluster 3 1\n"
+        assert status["pod"] == "target"
+
+        logs = cluster.kubectl("logs", "-n", NAMESPACE, operator_pod).stdout
+        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+        assert any(line.get("task") == "hello" and line.get("namespace") == namespace for line in lines), (
+            logs[-3000:]
+        )
+        # No operator process of this session saw it (they were stopped; their logs are the proof).
+        for log in (ROOT / ".local/logs").glob("operator-*.log"):
+            assert namespace not in log.read_text(errors="replace"), f"{log} (pids {paused}) handled the task"
+        # Released by the in-cluster operator (its finalizer), before the paused ones come back.
+        await tasks.delete("hello")
+
+        async def gone() -> bool:
+            listing = await tasks.custom.list_namespaced_custom_object(
+                "pythontask.dev", "v1alpha1", namespace, "pythontasks"
+            )
+            return not listing["items"]
+
+        await eventually(gone, within=60, what="the task deleted (finalizer released)")
