@@ -247,10 +247,10 @@ stop_pid() {
 }
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what=$2
+  local limit=$1 deadline=$((SECONDS + $1)) what=$2
   shift 2
   until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || { log "timed out after $1s waiting for $what"; return 1; }
+    ((SECONDS < deadline)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
     sleep 0.2
   done
 }
@@ -440,12 +440,13 @@ up() {
   cgroups_up
   containerd_up
   images_up
+  local kubelet_started=$SECONDS
   kubelet_up
   apiproxy_up
   # A node that was Ready before a restart still says so: ask the new kubelet itself first.
   wait_for 60 "the kubelet's /healthz (see $LOGS/kubelet.log)" kubelet_healthy
   wait_for 120 "node $NODE Ready (see $LOGS/kubelet.log)" node_ready
-  log "node $NODE is Ready ($((SECONDS - started))s)"
+  log "node $NODE is Ready: $((SECONDS - kubelet_started))s after starting the kubelet, $((SECONDS - started))s in all"
 }
 
 # Unmount everything under our state, deepest first.
