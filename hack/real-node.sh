@@ -8,7 +8,8 @@
 #   hack/real-node.sh status   "up", or the reason it is not
 #   hack/real-node.sh describe node name, address, bridge, cgroup root and state directory (for tests)
 #   hack/real-node.sh pki      the apiserver's kubelet client certificate (made before the cluster)
-#   hack/real-node.sh packages apt-get install what is missing (containerd, runc, CNI plugins, debootstrap, buildah)
+#   hack/real-node.sh packages apt-get install what is missing (containerd, runc, CNI plugins, socat,
+#                              debootstrap, buildah)
 #   hack/real-node.sh images   build (cached) and import the images
 #
 # State lives in .local/real-node/<cluster>/, logs in .local/logs/real-node-<cluster>/. Outside them:
