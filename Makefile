@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 IMG ?=
 CONTAINER_TOOL ?= docker
 
-.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench clean image docker-build deploy undeploy
+.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench soak clean image docker-build deploy undeploy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ test: lint binaries
 bench: venv binaries
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+# Many tasks on the real node under chaos (operator SIGKILLs, apiserver restarts, pod deletions, container
+# kills): no attempt runs twice, no completed result is lost. JSON in bench/results/. QUICK=1: small.
+soak: venv binaries
+	$(PY) bench/soak.py $(if $(QUICK),--quick,)
 
 clean: cluster-down
 	rm -rf .local $(VENV)

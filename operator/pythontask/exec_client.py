@@ -88,7 +88,10 @@ def exec_path(target: ExecTarget, command: list[str], *, stdin: bool) -> str:
 
 async def _auth_headers(configuration: Any) -> dict[str, str]:
     headers: dict[str, str] = {}
-    token = await configuration.get_api_key_with_prefix("authorization")
+    # A kubeconfig token is stored under "authorization"; the in-cluster config under "BearerToken".
+    token = await configuration.get_api_key_with_prefix(
+        "authorization"
+    ) or await configuration.get_api_key_with_prefix("BearerToken")
     if token:
         headers["Authorization"] = token
     elif configuration.username and configuration.password:

@@ -7,8 +7,10 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kubernetes_asyncio.client import Configuration
 
 from pythontask import exec_wire as wire
+from pythontask.exec_client import _auth_headers
 
 
 def status_frame(**fields: object) -> bytes:
@@ -100,3 +102,12 @@ def test_utf8_split_anywhere_decodes_to_a_suffix_of_the_text(text: str, limit: i
     decoded = tail.text()
     assert "\ufffd" not in decoded
     assert text.endswith(decoded)
+
+
+async def test_exec_authenticates_with_an_in_cluster_service_account_token() -> None:
+    in_cluster = Configuration()
+    in_cluster.api_key = {"BearerToken": "bearer projected-token"}  # as load_incluster_config stores it
+    assert await _auth_headers(in_cluster) == {"Authorization": "bearer projected-token"}
+    kubeconfig = Configuration()
+    kubeconfig.api_key = {"authorization": "Bearer from-kubeconfig"}
+    assert await _auth_headers(kubeconfig) == {"Authorization": "Bearer from-kubeconfig"}
