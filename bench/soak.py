@@ -30,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
+import aiohttp  # noqa: E402
 from kubernetes_asyncio import client, config  # noqa: E402
 
 from pythontask.spec import GROUP, PLURAL, VERSION  # noqa: E402
@@ -176,12 +177,10 @@ class Soak:
             self.operator.start()
             began = time.monotonic()
             try:
-                creating = asyncio.ensure_future(self.create_tasks())
-                chaos = asyncio.ensure_future(self.chaos_loop(began))
+                # Tasks keep arriving for as long as the chaos lasts, so every action hits work in flight.
+                creating = asyncio.ensure_future(self.create_tasks(self.chaos_seconds() / self.sizes.tasks))
+                await self.chaos_loop(began)
                 await creating
-                terminal = await self.wait_terminal(began)
-                chaos.cancel()
-                await asyncio.gather(chaos, return_exceptions=True)
                 if not self.operator.running:
                     self.operator.start()
                 terminal = await self.wait_terminal(began)
@@ -230,12 +229,31 @@ class Soak:
 
         await eventually(three_ready, within=120, what=f"3 Ready pods of {APP}")
 
-    async def create_tasks(self) -> None:
+    def chaos_seconds(self) -> float:
+        """About how long the chaos plan takes: 2.5 s between actions, 10 s per apiserver restart."""
+        sizes = self.sizes
+        actions = (
+            sizes.operator_kills + sizes.apiserver_restarts + sizes.pod_deletions + sizes.container_kills
+        )
+        return actions * 2.5 + sizes.apiserver_restarts * 10
+
+    async def create_tasks(self, interval: float) -> None:
         assert self.api is not None
         custom = client.CustomObjectsApi(self.api)
         for i in range(self.sizes.tasks):
-            await custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, task(f"s{i:03d}"))
-            await asyncio.sleep(0.5)
+            body = task(f"s{i:03d}")
+
+            async def created(body: dict[str, Any] = body) -> bool:
+                try:
+                    await custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+                except client.ApiException as e:
+                    return e.status == 409  # created by the try that was cut off
+                except (OSError, TimeoutError, aiohttp.ClientError):
+                    return False  # the apiserver is restarting
+                return True
+
+            await eventually(created, within=120, what=f"task {body['metadata']['name']} created", interval=1)
+            await asyncio.sleep(interval)
 
     async def chaos_loop(self, began: float) -> None:
         sizes = self.sizes

@@ -111,7 +111,8 @@ def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[st
     for container in pod_spec["containers"]:
         if not container.get("command") and not container.get("args"):
             container["command"] = [*spec.python, "-c", IDLE_PROGRAM]
-    fingerprint = hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
+    made_from = {"template": spec.target.template, "python": spec.python}
+    fingerprint = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "apiVersion": "v1",
         "kind": "Pod",

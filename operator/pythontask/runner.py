@@ -420,11 +420,15 @@ class TaskRunner:
             message = mask(decision.message, outcome.mask)
             await self.ctx.events.warning(self.body, decision.reason, message)
             await self._write(st.Phase.RETRYING, decision.reason, message, state)
-            self._forget(record)
+            self._forget(record, outcome)
         return state
 
-    def _forget(self, record: machine.AttemptRecord) -> None:
-        """Its outcome is in status now: its files in the container can go (batched, in the background)."""
+    def _forget(self, record: machine.AttemptRecord, outcome: AttemptOutcome) -> None:
+        """Its outcome is in status now: its files in the container can go (batched, in the background).
+        Not a tombstone (an attempt that never started there): a start arriving late must still find it.
+        Tombstones go with the task's directory when the task is deleted."""
+        if not (outcome.started or outcome.kind is machine.Kind.EXITED):
+            return
         target = ExecTarget(self.namespace, record.pod, record.container)
         self.ctx.janitor.forget(
             target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, record.id)
@@ -536,8 +540,8 @@ class TaskRunner:
         else:
             await self.ctx.events.warning(self.body, str(state.reason), message)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
-        if self.last_record is not None:
-            self._forget(self.last_record)
+        if self.last_record is not None and last is not None:
+            self._forget(self.last_record, last)
         if spec is not None and spec.target.template is not None and not spec.target.keep_pod:
             await self.ctx.pods.delete_template_pods(self.body)
 

@@ -46,8 +46,11 @@ async def test_an_unwritable_state_dir_fails_at_once_and_never_restarts_the_pod(
         "script": {"inline": "print('never')"},
         "retry": {"limit": 3},
     }
-    status = await tasks.run("ro", spec, within=60)
-    restartable_operator.stop()
+    try:
+        status = await tasks.run("ro", spec, within=60)
+    finally:
+        restartable_operator.stop()
+        restartable_operator.start()
     assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "StateDirNotWritable", 1), (
         status
     )

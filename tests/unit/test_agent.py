@@ -735,6 +735,13 @@ def test_a_state_dir_the_container_user_cannot_write_is_a_configuration_error() 
         shutil.rmtree(base)
 
 
+def test_a_state_dir_that_cannot_exist_is_a_configuration_error() -> None:
+    # procfs refuses new directories (ENOENT): as much the container's configuration as a read-only disk.
+    d = Path("/proc/pythontask/task/a1")
+    reply = call(run_request(d), b"pass")
+    expect_not_writable(reply, "/proc/pythontask", "No such file or directory", os.getuid())
+
+
 @needs_namespaces
 def test_a_full_state_dir_is_a_configuration_error(tmp_path: Path) -> None:
     mount = tmp_path / "full"

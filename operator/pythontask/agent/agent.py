@@ -513,11 +513,12 @@ def may_be_running(d: str, fate: Fate) -> bool:
 
 
 def not_writable(e: OSError, path: str, d: str) -> Failure:
-    if e.errno not in NOT_WRITABLE:
-        return Failure(f"cannot create {path}: {e.strerror or e}")
+    """Any failure to make or write the state directory is the container's configuration, never a reason
+    to retry elsewhere or restart the pod (a read-only or full filesystem, a path under /proc, ...)."""
     state_dir = os.path.dirname(os.path.dirname(d.rstrip("/"))) or "/"
+    what = "is not writable" if e.errno in NOT_WRITABLE else "cannot be created"
     return Failure(
-        f"The state directory is not writable: {path}: {e.strerror or os.strerror(e.errno or 0)} "
+        f"The state directory {what}: {path}: {e.strerror or os.strerror(e.errno or 0)} "
         f"(container user id {os.getuid()}). Mount a writable volume (an emptyDir) at {state_dir} or "
         "set the operator's PYTHONTASK_STATE_DIR to a writable path.",
         "StateDirNotWritable",
