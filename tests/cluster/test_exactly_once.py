@@ -7,6 +7,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -59,6 +60,24 @@ async def test_an_unwritable_state_dir_fails_at_once_and_never_restarts_the_pod(
     survivor = await core.read_namespaced_pod(pod.metadata.name, tasks.namespace)
     assert survivor.metadata.deletion_timestamp is None  # a healthy, restartable pod was left alone
     assert "RestartingPod" not in [e.reason for e in await tasks.events("ro", at_least=1)]
+
+
+@pytest.mark.parametrize("version", ["2.7.18", "3.6.15"])
+async def test_a_real_old_python_fails_at_once_saying_what_to_change(
+    core: client.CoreV1Api, tasks: TaskClient, version: str
+) -> None:
+    # kwok's containers are this machine, whose image ships these interpreters under pyenv.
+    interpreter = Path(f"/root/.pyenv/versions/{version}/bin/python")
+    if not interpreter.exists():
+        pytest.skip(f"no Python {version} on this machine")
+    await ready_pod(core, tasks.namespace)
+    spec = {"target": {"podName": "worker"}, "script": {"inline": "print(1)"}, "python": [str(interpreter)]}
+    status = await tasks.run("old", spec)
+    assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "UnsupportedPython", 1), (
+        status
+    )
+    assert f"Python {version[:3]} at " in status["message"]
+    assert "spec.python must name Python 3.8 or newer" in status["message"]
 
 
 async def test_an_old_python_fails_at_once_saying_what_to_change(
