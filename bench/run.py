@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -36,8 +37,10 @@ import exec_clients  # noqa: E402
 from pythontask.exec_client import ExecTarget  # noqa: E402
 from pythontask.spec import GROUP, PLURAL, VERSION  # noqa: E402
 from support import cluster as local_cluster  # noqa: E402
-from support.objects import deployment_manifest, pod_manifest, ready_pods  # noqa: E402
+from support import real_node  # noqa: E402
+from support.objects import deployment_manifest, is_ready, pod_manifest, ready_pods  # noqa: E402
 from support.operator import OperatorProcess  # noqa: E402
+from support.waiting import eventually  # noqa: E402
 
 NS = "pythontask-bench"
 MIB = 1024 * 1024
@@ -557,6 +560,90 @@ class Bench:
         await self.delete_tasks()
 
     # ---- report ----------------------------------------------------------------------------------------
+    # ---- 7. the real node: PythonTask vs Job vs raw exec, and the exec floor beside kwok's ----------
+    async def real_node(self) -> None:
+        """One script (`python3 -c pass`), one image, the real node, interleaved: a PythonTask created ->
+        Succeeded seen, a Job created -> Complete seen, a raw exec; then the exec floor, real vs kwok."""
+        absent = real_node.absent_reason(self.cluster)
+        if absent:
+            self.results["real_node"] = {"skipped": absent}
+            return
+        rounds = 8 if self.quick else 30
+        await self.core.create_namespaced_pod(NS, real_node.real_pod_manifest("real-target"))
+
+        async def target_ready() -> bool:
+            return is_ready(await self.core.read_namespaced_pod("real-target", NS))
+
+        await self._until(target_ready, 120)
+        self.start_operator()
+        batch = client.BatchV1Api(self.api)
+        real = ExecTarget(NS, "real-target", real_node.CONTAINER)
+        kwok = ExecTarget(NS, "exec-target", "worker")
+        kubectl = self.cluster.bin / "kubectl"
+        runs: dict[str, exec_clients.ExecFn] = {
+            "raw exec (pythontask client)": exec_clients.own_client(self.api, real),
+            "floor real: kubectl exec": exec_clients.kubectl_exec(kubectl, self.cluster.kubeconfig, real),
+            "floor kwok: kubectl exec": exec_clients.kubectl_exec(kubectl, self.cluster.kubeconfig, kwok),
+            "floor kwok: pythontask client": exec_clients.own_client(self.api, kwok),
+        }
+
+        async def until(probe: Callable[[], Awaitable[bool]]) -> float:
+            # Same observation for every kind: a read every 20 ms (at most 20 ms late), never a watch lag.
+            await eventually(probe, within=300, what="completion", interval=0.02)
+            return time.monotonic()
+
+        async def task_done(name: str) -> bool:
+            body = await self.custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+            return (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+        async def job_done(name: str) -> bool:
+            job = await batch.read_namespaced_job_status(name, NS)
+            return any(
+                c.type in ("Complete", "Failed") and c.status == "True" for c in job.status.conditions or []
+            )
+
+        def job(name: str) -> dict[str, Any]:
+            pod = real_node.real_pod_manifest(name, command=TRIVIAL)
+            pod["spec"]["restartPolicy"] = "Never"
+            return {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {"name": name},
+                "spec": {"backoffLimit": 0, "template": {"spec": pod["spec"]}},
+            }
+
+        samples: dict[str, list[float]] = {"PythonTask": [], "Job": [], **{k: [] for k in runs}}
+        for i in range(rounds + 1):  # round 0 warms every path up and is not counted
+            began = time.monotonic()
+            await self.create_task(
+                f"real-{i}", {"target": {"podName": "real-target"}, "script": {"inline": "pass"}}
+            )
+            task_seconds = await until(functools.partial(task_done, f"real-{i}")) - began
+            began = time.monotonic()
+            await batch.create_namespaced_job(NS, job(f"job-{i}"))
+            job_seconds = await until(functools.partial(job_done, f"job-{i}")) - began
+            if i:
+                samples["PythonTask"].append(task_seconds)
+                samples["Job"].append(job_seconds)
+            for name, run in runs.items():
+                began = time.perf_counter()
+                await run(TRIVIAL)
+                if i:
+                    samples[name].append(time.perf_counter() - began)
+        self.stop_operator()
+        await batch.delete_collection_namespaced_job(NS, propagation_policy="Background")
+        table = {name: summary(values) for name, values in samples.items()}
+        raw = table["raw exec (pythontask client)"]["median"]
+        for row in table.values():
+            row["ratio_to_raw_exec"] = row["median"] / raw
+        table["PythonTask"]["ratio_to_job"] = table["PythonTask"]["median"] / table["Job"]["median"]
+        self.results["real_node"] = table
+        log(
+            "real node: "
+            + ", ".join(f"{k} {v['median'] * 1000:.0f} ms" for k, v in table.items() if isinstance(v, dict))
+        )
+        await self.delete_tasks()
+
     def machine(self) -> dict[str, Any]:
         version = json.loads(self.cluster.kubectl("version", "-o", "json").stdout)["serverVersion"][
             "gitVersion"
@@ -634,6 +721,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"peak RSS {conc['operator_peak_rss_mib']:.0f} MiB, "
             f"CPU {conc['operator_cpu_seconds']:.1f} s"
         )
+    real = results.get("real_node")
+    if real and "skipped" in real:
+        lines.append(f"\n**Real node**: not measured ({real['skipped']})")
+    elif real:
+        lines += [
+            "\n**Real node** (kubelet + containerd + runc, same image and script `python3 -c pass`, interleaved)",
+            "",
+            "| path | median | p95 | vs raw exec |",
+            "|---|---|---|---|",
+        ]
+        for name, row in real.items():
+            lines.append(
+                f"| {name} | {row['median'] * 1000:.0f} ms | {row['p95'] * 1000:.0f} ms | {row['ratio_to_raw_exec']:.2f}x |"
+            )
+        lines.append(f"\nPythonTask vs Job: {real['PythonTask']['ratio_to_job']:.2f}x the time")
     return "\n".join(lines)
 
 
@@ -647,7 +749,7 @@ async def main() -> None:
     bench = Bench(args.quick)
     await bench.setup()
     bench.results["machine"] = bench.machine()
-    sections = ["exec_clients", "overhead", "throughput", "at_rest", "concurrency"]
+    sections = ["exec_clients", "overhead", "throughput", "at_rest", "concurrency", "real_node"]
     for section in args.only or sections:
         log(f"section {section}")
         try:
