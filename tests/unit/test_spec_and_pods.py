@@ -17,6 +17,8 @@ from pythontask.pods import (
     DEFAULT_CONTAINER_ANNOTATION,
     IDLE_PROGRAM,
     TASK_UID_LABEL,
+    TEMPLATE_HASH_ANNOTATION,
+    Pods,
     pick_container,
     template_pod_manifest,
 )
@@ -137,3 +139,65 @@ def test_template_pod_manifest_is_owned_labelled_and_kept_alive() -> None:
 )
 def test_selector_matches_like_the_apiserver(labels: dict[str, str], expected: bool) -> None:
     assert SELECTOR.matches(labels) is expected
+
+
+class FakeCore:
+    """The pod calls ensure_template_pod makes, against an in-memory namespace."""
+
+    def __init__(self, pods: list[Any]) -> None:
+        self.pods, self.deleted, self.created = pods, [], []
+
+    async def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
+        return SimpleNamespace(items=list(self.pods))
+
+    async def delete_namespaced_pod(self, name: str, namespace: str, body: Any) -> None:
+        self.deleted.append(name)
+
+    async def create_namespaced_pod(self, namespace: str, manifest: dict[str, Any]) -> Any:
+        self.created.append(manifest)
+        return SimpleNamespace(metadata=SimpleNamespace(name="new"))
+
+
+def existing_pod(name: str, fingerprint: str, phase: str = "Running") -> Any:
+    return SimpleNamespace(
+        metadata=SimpleNamespace(
+            name=name,
+            namespace="ns",
+            uid=f"uid-{name}",
+            deletion_timestamp=None,
+            annotations={TEMPLATE_HASH_ANNOTATION: fingerprint},
+        ),
+        status=SimpleNamespace(phase=phase),
+    )
+
+
+TEMPLATE_TASK = {"metadata": {"name": "backfill", "namespace": "ns", "uid": "u-1"}}
+
+
+def template_spec(image: str) -> PythonTaskSpec:
+    template = {"spec": {"containers": [{"name": "py", "image": image}]}}
+    return PythonTaskSpec.model_validate({"target": {"template": template}, "script": {"inline": "1"}})
+
+
+async def test_a_fitting_template_pod_is_adopted() -> None:
+    spec = template_spec("v1")
+    fits = template_pod_manifest(TEMPLATE_TASK, spec)["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+    pods = Pods.__new__(Pods)
+    pods._core = FakeCore([existing_pod("p1", fits)])  # type: ignore[assignment]
+    assert (await pods.ensure_template_pod(TEMPLATE_TASK, spec)).metadata.name == "p1"
+    assert pods._core.deleted == []  # type: ignore[attr-defined]
+
+
+async def test_an_evicted_or_outdated_template_pod_is_deleted_never_adopted() -> None:
+    spec = template_spec("v2")
+    fits = template_pod_manifest(TEMPLATE_TASK, spec)["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+    old = template_pod_manifest(TEMPLATE_TASK, template_spec("v1"))["metadata"]["annotations"][
+        TEMPLATE_HASH_ANNOTATION
+    ]
+    assert old != fits
+    core = FakeCore([existing_pod("evicted", fits, phase="Failed"), existing_pod("outdated", old)])
+    pods = Pods.__new__(Pods)
+    pods._core = core  # type: ignore[assignment]
+    assert (await pods.ensure_template_pod(TEMPLATE_TASK, spec)).metadata.name == "new"
+    assert sorted(core.deleted) == ["evicted", "outdated"]
+    assert len(core.created) == 1
