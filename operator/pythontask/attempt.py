@@ -399,6 +399,9 @@ async def _stream_or_lost(api: client.ApiClient, session: _Session, op: str, los
         return str(e)
     if session.result is not None:
         return ""
+    if status is not None and status.kind is exec_wire.StatusKind.EXIT_CODE:
+        # The agent's own exit status (a real kubelet says which): 127 is an interpreter that is missing.
+        return f"exec ended with exit code {status.exit_code}: {status.message}"
     if status is not None and not status.ok:
         return f"exec ended: {status.message}"
     return "the exec stream ended before the script's result arrived"

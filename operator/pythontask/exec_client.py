@@ -46,13 +46,6 @@ class ExecStream:
         for start in range(0, len(view), STDIN_CHUNK):
             await self._ws.send_bytes(wire.stdin_frame(bytes(view[start : start + STDIN_CHUNK])))
 
-    async def close_stdin(self) -> bool:
-        """Half-closes stdin; only v5 can. Returns False where the protocol cannot."""
-        if self.protocol != wire.PROTOCOL_V5:
-            return False
-        await self._ws.send_bytes(wire.close_stdin_frame())
-        return True
-
     async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
         """Yields (channel, data) for stdout and stderr until the stream ends; records the status."""
         async for msg in self._ws:

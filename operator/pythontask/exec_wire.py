@@ -15,7 +15,6 @@ PROTOCOL_V4 = "v4.channel.k8s.io"
 PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4)
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
-CLOSE = 255  # v5 only: "close this channel" (half-close of stdin is CLOSE + STDIN)
 
 
 class ExecProtocolError(Exception):
@@ -32,11 +31,7 @@ def stdin_frame(data: bytes) -> bytes:
     return bytes((STDIN,)) + data
 
 
-def close_stdin_frame() -> bytes:
-    return bytes((CLOSE, STDIN))
-
-
-class Outcome(Enum):
+class StatusKind(Enum):
     SUCCESS = "Success"  # the command exited 0
     EXIT_CODE = "ExitCode"  # the command exited with a non-zero code
     ERROR = "Error"  # the apiserver or kubelet reported another failure
@@ -44,13 +39,13 @@ class Outcome(Enum):
 
 @dataclass(frozen=True)
 class ExecStatus:
-    outcome: Outcome
+    kind: StatusKind
     exit_code: int | None
     message: str
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.SUCCESS
+        return self.kind is StatusKind.SUCCESS
 
 
 def parse_status(data: bytes) -> ExecStatus:
@@ -59,21 +54,21 @@ def parse_status(data: bytes) -> ExecStatus:
         status = json.loads(data.decode("utf-8", "replace"))
     except ValueError:
         # Very old servers sent a plain error string here.
-        return ExecStatus(Outcome.ERROR, None, data.decode("utf-8", "replace").strip())
+        return ExecStatus(StatusKind.ERROR, None, data.decode("utf-8", "replace").strip())
     if not isinstance(status, dict):
-        return ExecStatus(Outcome.ERROR, None, str(status))
+        return ExecStatus(StatusKind.ERROR, None, str(status))
     message = str(status.get("message", ""))
     if status.get("status") == "Success":
-        return ExecStatus(Outcome.SUCCESS, 0, message)
+        return ExecStatus(StatusKind.SUCCESS, 0, message)
     if status.get("reason") == "NonZeroExitCode":
         for cause in (status.get("details") or {}).get("causes") or []:
             if cause.get("reason") == "ExitCode":
                 try:
-                    return ExecStatus(Outcome.EXIT_CODE, int(cause.get("message", "")), message)
+                    return ExecStatus(StatusKind.EXIT_CODE, int(cause.get("message", "")), message)
                 except ValueError:
                     break
-        return ExecStatus(Outcome.ERROR, None, message or "non-zero exit code without a code")
-    return ExecStatus(Outcome.ERROR, None, message or json.dumps(status))
+        return ExecStatus(StatusKind.ERROR, None, message or "non-zero exit code without a code")
+    return ExecStatus(StatusKind.ERROR, None, message or json.dumps(status))
 
 
 class Tail:

@@ -80,13 +80,13 @@ async def test_exec_round_trip_separates_streams_and_pins_how_exit_status_arrive
     # What the wire really carries from kwok: not reason NonZeroExitCode with an ExitCode cause (what a
     # real kubelet sends) but a generic Failure, reason InternalError, with the code only in prose.
     assert stream.status is not None
-    assert stream.status.outcome is exec_wire.Outcome.ERROR
+    assert stream.status.kind is exec_wire.StatusKind.ERROR
     assert stream.status.exit_code is None
     assert stream.status.message.endswith("exit status 3")
 
     stream, stdout, _ = await _exec(api, namespace, "p", ["sh", "-c", "echo fine"])
     assert stdout == b"fine\n"
-    assert stream.status == exec_wire.ExecStatus(exec_wire.Outcome.SUCCESS, 0, "")
+    assert stream.status == exec_wire.ExecStatus(exec_wire.StatusKind.SUCCESS, 0, "")
 
     # kubectl sees the same: it cannot recover the code either and exits 1.
     result = cluster.kubectl("exec", "-n", namespace, "p", "--", "sh", "-c", "exit 3", check=False)

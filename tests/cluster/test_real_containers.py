@@ -162,7 +162,7 @@ async def test_exit_codes_over_a_real_kubelet_agree_with_the_status_frame(
         async for _ in stream.frames():
             pass
     assert stream.status is not None
-    assert (stream.status.exit_code, stream.status.outcome.value) == (3, "ExitCode")
+    assert (stream.status.exit_code, stream.status.kind.value) == (3, "ExitCode")
     status = await tasks.run(
         "three",
         {

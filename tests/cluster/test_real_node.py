@@ -92,10 +92,10 @@ async def test_exec_exit_code_arrives_as_a_status_frame(
     assert stdout == b"out\n"
     # What kwok never sends: reason NonZeroExitCode with an ExitCode cause "3" (parse_status needs both).
     assert stream.status is not None
-    assert (stream.status.outcome, stream.status.exit_code) == (exec_wire.Outcome.EXIT_CODE, 3)
+    assert (stream.status.kind, stream.status.exit_code) == (exec_wire.StatusKind.EXIT_CODE, 3)
 
     stream, _ = await _exec(api, namespace, "exits", ["python3", "-c", "pass"])
-    assert stream.status == exec_wire.ExecStatus(exec_wire.Outcome.SUCCESS, 0, "")
+    assert stream.status == exec_wire.ExecStatus(exec_wire.StatusKind.SUCCESS, 0, "")
     # kubectl reads the same frame and exits with the command's own code (1 on kwok).
     result = cluster.kubectl(
         "exec", "-n", namespace, "exits", "--", "python3", "-c", "raise SystemExit(3)", check=False

@@ -18,7 +18,9 @@ def status_frame(**fields: object) -> bytes:
 
 
 def test_success_status() -> None:
-    assert wire.parse_status(status_frame(status="Success")) == wire.ExecStatus(wire.Outcome.SUCCESS, 0, "")
+    assert wire.parse_status(status_frame(status="Success")) == wire.ExecStatus(
+        wire.StatusKind.SUCCESS, 0, ""
+    )
 
 
 def test_kubelet_non_zero_exit_code_status_carries_the_code() -> None:
@@ -29,7 +31,7 @@ def test_kubelet_non_zero_exit_code_status_carries_the_code() -> None:
         details={"causes": [{"reason": "ExitCode", "message": "3"}]},
     )
     status = wire.parse_status(frame)
-    assert status.outcome is wire.Outcome.EXIT_CODE
+    assert status.kind is wire.StatusKind.EXIT_CODE
     assert status.exit_code == 3
     assert not status.ok
 
@@ -39,7 +41,7 @@ def test_non_zero_exit_code_without_a_usable_code_is_an_error_not_a_guess() -> N
         status="Failure", reason="NonZeroExitCode", details={"causes": [{"reason": "ExitCode"}]}
     )
     status = wire.parse_status(frame)
-    assert status.outcome is wire.Outcome.ERROR
+    assert status.kind is wire.StatusKind.ERROR
     assert status.exit_code is None
 
 
@@ -48,18 +50,17 @@ def test_kwok_internal_error_is_an_error_with_its_message() -> None:
         status="Failure", message="error executing command: exit status 3", reason="InternalError"
     )
     status = wire.parse_status(frame)
-    assert status == wire.ExecStatus(wire.Outcome.ERROR, None, "error executing command: exit status 3")
+    assert status == wire.ExecStatus(wire.StatusKind.ERROR, None, "error executing command: exit status 3")
 
 
 @pytest.mark.parametrize("raw", [b"plain text error", b"[1, 2]", b"\xff\xfe"])
 def test_malformed_status_is_an_error(raw: bytes) -> None:
-    assert wire.parse_status(raw).outcome is wire.Outcome.ERROR
+    assert wire.parse_status(raw).kind is wire.StatusKind.ERROR
 
 
-def test_frames_and_stdin_close() -> None:
+def test_frames() -> None:
     assert wire.split_frame(b"\x01hello") == (wire.STDOUT, b"hello")
     assert wire.stdin_frame(b"x") == b"\x00x"
-    assert wire.close_stdin_frame() == b"\xff\x00"
     with pytest.raises(wire.ExecProtocolError):
         wire.split_frame(b"")
 
