@@ -156,9 +156,12 @@ class _Session:
         self.last_output = loop.time()
         self.last_frame = loop.time()
         self.caught_up = False
+        self.op = "run"
         self.result: dict[str, Any] | None = None
 
     def deadline(self) -> float:
+        if not self.outcome.started and self.op == "run":
+            return self.attempt_deadline()  # the connect deadline covers a silent start
         return min(self.attempt_deadline(), self.last_frame + STREAM_SILENCE_SECONDS)
 
     def attempt_deadline(self) -> float:
@@ -221,7 +224,7 @@ class _Session:
     async def stream_once(self, api: client.ApiClient, op: str) -> exec_wire.ExecStatus | None:
         """One exec of the agent; returns the exec status when the stream ends without a result."""
         self.caught_up = False
-        self.last_frame = self.loop.time()
+        self.op = op
         if op == "follow":
             # The agent replays the last tail bytes: start the tails afresh, keep the totals from it.
             self.outcome.stdout = exec_wire.Tail(self.req.tail_bytes)
@@ -232,6 +235,7 @@ class _Session:
                 await self.gate.acquire()
             self.holding_gate = True
             self.connect_deadline = self.loop.time() + self.limits.connect
+        self.last_frame = self.loop.time()  # silence counts from our turn, not from the queue
         try:
             return await self._stream(api, op, self.req.stdin(op))
         finally:

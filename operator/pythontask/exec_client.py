@@ -122,7 +122,7 @@ async def open_exec(
             f"exec into {target.pod}/{target.container} refused: {e.status} {e.message}", status=e.status
         ) from e
     except (aiohttp.ClientError, OSError) as e:
-        raise ExecError(f"cannot reach the apiserver for exec: {e}") from e
+        raise ExecError(f"cannot reach the apiserver for exec: {e!r}") from e
     except TimeoutError as e:
         raise ExecError(f"exec did not connect within {connect_timeout:g}s") from e
     if ws.protocol not in wire.PROTOCOLS:

@@ -132,6 +132,7 @@ class TaskState:
     started_at: float | None = None  # the first attempt's start (for `timeouts.total`)
     # Trailing exec failures on one pod: "exec into it keeps failing".
     exec_failures: tuple[str, int] = field(default=("", 0))
+    not_started: int = 0  # attempts that never started (they cost no retry)
 
     @property
     def terminal(self) -> bool:
@@ -230,7 +231,8 @@ def end(
     entry = HistoryEntry(current.number, current.pod, current.start, now, reason, outcome.exit_code)
     history = (*state.history, entry)[-HISTORY_LIMIT:]
     failures = _exec_failures(state, outcome, current.pod)
-    state = replace(state, current=None, history=history, exec_failures=failures)
+    not_started = state.not_started + (outcome.kind is Kind.NOT_STARTED)
+    state = replace(state, current=None, history=history, exec_failures=failures, not_started=not_started)
     decision = _decide(state, outcome, reason=reason, pod=pod, policy=policy, now=now)
     if decision.action is Action.SUCCEED:
         return _final(state, Phase.SUCCEEDED, reason, decision.message, outcome.exit_code), decision
@@ -267,6 +269,11 @@ def _decide(
         assert outcome.exit_code is not None
         if not policy.retries_exit_code(outcome.exit_code):
             return Decision(Action.FAIL, reason, f"{message} Exit code {outcome.exit_code} is not retried.")
+    if outcome.kind is Kind.NOT_STARTED:
+        # It never ran, so retrying costs nothing of retry.limit and needs no backoff; only an operator
+        # crash between recording and starting, or a kill that beat the start, leads here.
+        retry = Decision(Action.RETRY, reason, f"{message} Starting it anew now.")
+        return _within_total(state, retry, policy, now, message)
     action = Action.RETRY
     if outcome.kind is Kind.HANG:
         on_hang = policy.on_hang or (OnHang.RESTART_POD if pod.restartable else OnHang.RETRY)
@@ -283,21 +290,28 @@ def _decide(
         if not pod.restartable:
             return Decision(Action.FAIL, reason, f"{message} The pod was not restarted: {pod.why_not}")
         action = Action.RESTART_POD
-    if state.attempts > policy.retry_limit:
-        tried = "1 attempt" if state.attempts == 1 else f"{state.attempts} attempts"
+    ran = state.attempts - state.not_started  # attempts whose script started
+    if ran > policy.retry_limit:
+        tried = "1 attempt" if ran == 1 else f"{ran} attempts"
         return Decision(
             Action.FAIL, reason, f"{message} Gave up after {tried} (retry.limit {policy.retry_limit})."
         )
-    delay = policy.backoff(state.attempts)
+    delay = policy.backoff(ran)
+    verb = "Restarting pod " + pod.name + ", then retrying" if action is Action.RESTART_POD else "Retrying"
+    retry = Decision(action, reason, f"{message} {verb} in {delay:g}s (attempt {state.attempts + 1}).", delay)
+    return _within_total(state, retry, policy, now, message)
+
+
+def _within_total(state: TaskState, retry: Decision, policy: Policy, now: float, message: str) -> Decision:
+    """A retry that could not begin before `timeouts.total` runs out fails now instead."""
     if (
         policy.total is not None
         and state.started_at is not None
-        and now + delay >= state.started_at + policy.total
+        and now + retry.delay >= state.started_at + policy.total
     ):
         return Decision(
             Action.FAIL,
             str(Reason.DEADLINE_EXCEEDED),
             f"{message} No time left for another attempt within timeouts.total.",
         )
-    verb = "Restarting pod " + pod.name + ", then retrying" if action is Action.RESTART_POD else "Retrying"
-    return Decision(action, reason, f"{message} {verb} in {delay:g}s (attempt {state.attempts + 1}).", delay)
+    return retry

@@ -401,7 +401,8 @@ class TaskRunner:
         record = state.current
         assert record is not None
         assert outcome.kind is not None
-        pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
+        # Owners do not change: the namespace's pod cache knows them without a request per task.
+        pod = self.view.pods.get(record.pod_uid) if self.view is not None else None
         facts = (
             pod_facts(pod, spec.target) if pod is not None else machine.PodFacts(record.pod, restartable=True)
         )

@@ -73,6 +73,7 @@ def status_of(state: machine.TaskState) -> dict[str, Any]:
         "exitCode": state.exit_code,
         "startTime": st.iso(state.started_at) if state.started_at is not None else None,
         "execFailures": {"pod": pod, "count": count} if count else None,
+        "attemptsNotStarted": state.not_started or None,
         "restartPod": state.restart_pod,
     }
 
@@ -111,4 +112,5 @@ def state_from_status(status: dict[str, Any]) -> machine.TaskState:
         message=status.get("message", ""),
         started_at=st.parse_iso(status["startTime"]) if status.get("startTime") else None,
         exec_failures=(str(failures.get("pod") or ""), int(failures.get("count") or 0)),
+        not_started=int(status.get("attemptsNotStarted") or 0),
     )

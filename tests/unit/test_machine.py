@@ -188,6 +188,24 @@ def test_only_one_attempt_at_a_time_and_late_reports_change_nothing() -> None:
     assert (again, decision) == (done, None)
 
 
+def test_an_attempt_that_never_started_is_retried_at_once_and_costs_no_retry() -> None:
+    policy = replace(POLICY, retry_limit=0)
+    state, decision = run_once(m.Outcome(m.Kind.NOT_STARTED, "It never ran."), policy=policy)
+    assert (decision.action, decision.delay, state.phase, state.not_started) == (
+        m.Action.RETRY,
+        0,
+        Phase.RETRYING,
+        1,
+    )
+    assert state.history[-1].reason == "NotStarted"
+    state, decision = run_once(exited(1), state=state, policy=policy, now=102)
+    assert (decision.action, state.phase) == (
+        m.Action.FAIL,
+        Phase.FAILED,
+    )  # the one real attempt was the limit
+    assert "Gave up after 1 attempt" in decision.message
+
+
 def test_history_keeps_the_last_ten() -> None:
     policy = replace(POLICY, retry_limit=20, backoff_initial=0)
     state = m.TaskState()
@@ -293,7 +311,8 @@ class TaskLifecycle(RuleBasedStateMachine):
     @invariant()
     def attempts_are_counted_and_bounded(self) -> None:
         assert self.state.attempts == len(self.started)
-        assert self.state.attempts <= self.policy.retry_limit + 1
+        # Attempts that never started cost no retry; the others are bounded by the limit.
+        assert self.state.attempts - self.state.not_started <= self.policy.retry_limit + 1
 
     @invariant()
     def a_result_is_never_lost_or_changed(self) -> None:
