@@ -88,8 +88,8 @@ class AttemptOutcome:
         return self.stdout_bytes > len(self.stdout.data()) or self.stderr_bytes > len(self.stderr.data())
 
     @property
-    def settled(self) -> bool:
-        """True when no script of this attempt can be running: it ended, or it never started."""
+    def cannot_be_running(self) -> bool:
+        """True when no script of this attempt can be running: it ended, or it was never sent."""
         return not self.sent or self.kind in (Kind.EXITED, Kind.NOT_STARTED, Kind.FAILED)
 
     def to_machine(self) -> Outcome:
@@ -258,9 +258,9 @@ class _Session:
             api, self.req.target, agent_command(self.req.python), connect_timeout=connect
         ) as stream:
             async with asyncio.timeout_at(self.deadline()) as timer:
-                await stream.write_stdin(payload)
                 if op == "run":
-                    self.outcome.sent = True
+                    self.outcome.sent = True  # before writing: a request cut off mid-way may still arrive
+                await stream.write_stdin(payload)
                 async for channel, data in stream.frames():
                     self.last_frame = self.loop.time()
                     if channel == exec_wire.STDERR:
@@ -296,6 +296,8 @@ async def run_attempt(
     """Runs (op "run") or follows (op "follow", after a restart) one attempt to its end. `gate` bounds
     how many attempts are starting at once. A follow that finds nothing ends with `missing` set."""
     outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
+    # A followed attempt was recorded (and maybe started) before: it may be running until shown otherwise.
+    outcome.sent = op == "follow"
     session = _Session(req, limits, outcome, gate)
     lost = pod_lost or asyncio.Event()
     try:
@@ -307,7 +309,11 @@ async def run_attempt(
     outcome.resources = result.get("resources")
     code = result.get("exitCode")
     killed_by = result.get("killedBy")
-    if isinstance(killed_by, dict) and killed_by.get("why") in Kind.__members__.values():
+    if (
+        isinstance(killed_by, dict)
+        and killed_by.get("why") in Kind.__members__.values()
+        and result.get("signal")  # a script that finished by itself as the kill came keeps its exit code
+    ):
         # The operator killed it (a hang, a timeout) and then stopped before recording why: that reason
         # stands, not the exit code of the kill.
         outcome.kind = Kind(killed_by["why"])
@@ -329,10 +335,18 @@ async def run_attempt(
 async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asyncio.Event, op: str) -> None:
     broken_since: float | None = None
     failures = 0
+    unclaimed = ""  # why the run's own stream ended before the agent claimed the attempt
     while True:
-        problem = await _stream_or_lost(api, session, op, lost)
+        try:
+            problem = await _stream_or_lost(api, session, op, lost)
+        except _Ended:
+            if unclaimed and session.outcome.missing:
+                raise _Ended(Kind.EXEC_ERROR, unclaimed) from None  # it never got as far as a claim
+            raise
         if session.result is not None:
             return
+        if session.caught_up:
+            broken_since, failures = None, 0  # this stream was followed fine: a later break starts anew
         now = session.loop.time()
         if now >= session.attempt_deadline():
             expired = session.expired()
@@ -347,7 +361,11 @@ async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asy
                     f"in container {session.req.target.container}: {problem}",
                     "ExecError",
                 )
-            raise _Ended(Kind.EXEC_ERROR, problem)
+            if not session.outcome.sent:
+                raise _Ended(Kind.EXEC_ERROR, problem)  # refused before the request went out
+            # The request went out, the stream broke before an answer: the agent may have started it.
+            # Look (follow never starts anything) before concluding it did not.
+            unclaimed = problem
         # The agent claimed the attempt (or this is a follow) but the stream ended early: follow it again.
         broken_since = broken_since if broken_since is not None else now
         if now - broken_since > session.limits.reattach_window:
@@ -386,12 +404,15 @@ async def _stream_or_lost(api: client.ApiClient, session: _Session, op: str, los
             # Gone or ended: a result already on its way may still arrive; the stream ends with the container.
             await asyncio.wait({stream}, timeout=LOST_GRACE_SECONDS)
     finally:
+        # Also when we are cancelled: a stream left behind could still send a run nobody follows.
         lost_wait.cancel()
-    if not stream.done():
-        stream.cancel()
-        await asyncio.gather(stream, return_exceptions=True)
+        if not stream.done():
+            stream.cancel()
+            await asyncio.gather(stream, return_exceptions=True)
     if lost.is_set() and session.result is None:
         raise _Ended(Kind.POD_LOST, f"Pod {session.req.target.pod} or its container is gone.")
+    if stream.cancelled():
+        return "" if session.result is not None else "the exec stream did not end after its pod was gone"
     try:
         status = stream.result()
     except TimeoutError:

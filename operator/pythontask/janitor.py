@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 from collections import defaultdict
 
+import aiohttp
 import structlog
 from kubernetes_asyncio import client
 
 from .agent_ops import agent_call
+from .agent_protocol import AgentProtocolError
 from .exec_client import ExecError, ExecTarget
 
 log = structlog.get_logger(__name__)
@@ -62,7 +64,7 @@ class Janitor:
                 target = ExecTarget(namespace, pod, container)
                 try:
                     await agent_call(self._api, target, list(python), request, within=CALL_TIMEOUT_SECONDS)
-                except (ExecError, OSError, TimeoutError) as e:
+                except (ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
                     # The pod may be gone (and its files with it); a left-over directory is harmless.
                     log.debug("attempt directories not removed", pod=pod, error=str(e))
 

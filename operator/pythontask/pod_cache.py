@@ -22,6 +22,9 @@ from .machine import AttemptRecord
 
 log = structlog.get_logger(__name__)
 RELIST_DELAY_SECONDS = 1.0
+RELIST_MAX_DELAY_SECONDS = 30.0
+# A task waits this long for its namespace's first pod list; then it fails and is tried again later.
+SYNC_TIMEOUT_SECONDS = 60.0
 WATCH_SECONDS = 300
 # A watch silent for this long (no event, no bookmark) is presumed half-open: list again.
 WATCH_SILENCE_SECONDS = 120
@@ -75,6 +78,7 @@ class NamespacePods:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
+        failures = 0
         while True:
             try:
                 listing = await self._core.list_namespaced_pod(self.namespace)
@@ -99,8 +103,14 @@ class NamespacePods:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a background watch must outlive any single failure
-                log.debug("pod watch interrupted; listing again", namespace=self.namespace, error=repr(e))
-            await asyncio.sleep(RELIST_DELAY_SECONDS)
+                failures += 1
+                level = log.warning if failures >= 3 else log.debug
+                level("pod watch interrupted; listing again", namespace=self.namespace, error=repr(e))
+            else:
+                failures = 0  # the watch ran to its server-side timeout: all is well
+            await asyncio.sleep(
+                min(RELIST_MAX_DELAY_SECONDS, RELIST_DELAY_SECONDS * 2 ** max(0, failures - 1))
+            )
 
 
 class PodCache:
@@ -117,7 +127,7 @@ class PodCache:
             view.task = asyncio.get_running_loop().create_task(view.run())
         view.users += 1
         try:
-            await view.synced.wait()
+            await asyncio.wait_for(view.synced.wait(), SYNC_TIMEOUT_SECONDS)
             yield view
         finally:
             view.users -= 1

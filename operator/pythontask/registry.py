@@ -22,7 +22,7 @@ import structlog
 from . import status as st
 from .exec_client import ExecTarget
 from .kube import is_not_found
-from .runner import FINALIZER, Context, StopReason, TaskRunner, rerun_token, settle, task_dir
+from .runner import FINALIZER, Context, StopReason, TaskRunner, ensure_stopped, rerun_token, task_dir
 from .state_codec import record_from_status
 
 BACKOFF_INITIAL_SECONDS = 5.0
@@ -36,6 +36,7 @@ class Running:
     token: str
     runner: TaskRunner
     task: asyncio.Task[None]
+    previous: Running | None = None  # the runner it replaces: it settles its attempt before this one runs
 
     def stop(self, reason: StopReason) -> None:
         self.runner.stop(self.task, reason)
@@ -58,6 +59,7 @@ class Registry:
         self.completed: dict[str, tuple[int, str]] = {}
         self.failures: dict[str, int] = {}  # consecutive failures per task, for backoff
         self._finalizing: set[str] = set()
+        self._deleted: set[str] = set()  # deleted tasks whose runner is still stopping
         self._background: set[asyncio.Task[Any]] = set()
 
     def backoff(self, uid: str) -> float:
@@ -72,6 +74,7 @@ class Registry:
             self.failures.pop(uid, None)
             running = self.running.get(uid)
             if running:
+                self._deleted.add(uid)  # until its runner is done
                 running.stop(StopReason.DELETED)
             return
         if meta.get("deletionTimestamp"):
@@ -103,20 +106,20 @@ class Registry:
                 "spec or rerun changed: replacing the attempt", task=meta["name"], namespace=meta["namespace"]
             )
             running.stop(StopReason.SPEC_CHANGED)
-        self._start(body, previous=running.task if running else None)
+        self._start(body, previous=running)
 
-    def _start(self, body: dict[str, Any], previous: asyncio.Task[None] | None) -> None:
+    def _start(self, body: dict[str, Any], previous: Running | None) -> None:
         uid = body["metadata"]["uid"]
         generation, token = _key(body)
         runner = TaskRunner(self.ctx, body)
 
         async def run() -> None:
             if previous is not None:
-                await asyncio.wait([previous])  # its cancellation kills (and confirms) the old attempt first
+                await asyncio.wait([previous.task])  # its stop kills (and confirms) the old attempt first
             await runner.run()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
-        self.running[uid] = Running(generation, token, runner, task)
+        self.running[uid] = Running(generation, token, runner, task, previous)
         task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t))
 
     def _runner_done(
@@ -125,9 +128,15 @@ class Registry:
         running = self.running.get(uid)
         if running and running.task is task:
             del self.running[uid]
+        if uid in self._deleted:
+            self._deleted.discard(uid)
+            return  # gone: nothing to remember or retry
+        stopped = running.runner.stop_reason if running and running.task is task else None
+        if task.cancelled() and stopped is not None:
+            return  # stopped on purpose; whoever stopped it carries on
+        error = None if task.cancelled() else task.exception()
         if task.cancelled():
-            return
-        error = task.exception()
+            error = asyncio.CancelledError("the runner was cancelled without a stop reason")
         if error is None:
             self.completed[uid] = key
             self.failures.pop(uid, None)
@@ -162,18 +171,21 @@ class Registry:
         meta = body["metadata"]
         uid = meta["uid"]
         try:
+            records: dict[str, Any] = {}
             running = self.running.get(uid)
-            if running:
+            while running is not None:  # this runner and every one it replaces, still stopping
                 running.stop(StopReason.DELETED)
                 await asyncio.wait([running.task])
-                record = running.runner.state.current
-            else:
-                # Deleted while the operator was away: the recorded attempt may still be running.
-                current = (body.get("status") or {}).get("currentAttempt")
-                record = record_from_status(current) if current else None
-            if record is not None:
-                # Confirmed gone (again, if the runner did it: then this costs one quick exec).
-                await settle(self.ctx, body, record, str(StopReason.DELETED))
+                if running.runner.state.current is not None:
+                    records[running.runner.state.current.id] = running.runner.state.current
+                running = running.previous
+            # What status recorded (a runner may not have read it yet, or the operator was away).
+            current = (body.get("status") or {}).get("currentAttempt")
+            if current:
+                records.setdefault(current["id"], record_from_status(current))
+            for record in records.values():
+                # Confirmed gone (again, if a runner did it: then this costs one quick exec).
+                await ensure_stopped(self.ctx, body, record, str(StopReason.DELETED))
             self._purge(body)
             await self.ctx.tasks.set_finalizer(body, FINALIZER, False)
             self.failures.pop(uid, None)

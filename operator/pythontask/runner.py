@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from . import attempt_fate, exec_wire, machine
 from . import status as st
 from .agent_ops import agent_call
-from .agent_protocol import Message
+from .agent_protocol import AgentProtocolError, Message
 from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
 from .attempt_fate import container_instance
 from .config import Settings
@@ -159,7 +160,7 @@ class TaskRunner:
         except asyncio.CancelledError:
             current = self.state.current
             if self.stop_reason in (StopReason.DELETED, StopReason.SPEC_CHANGED) and current is not None:
-                await asyncio.shield(settle(self.ctx, self.body, current, str(self.stop_reason)))
+                await asyncio.shield(ensure_stopped(self.ctx, self.body, current, str(self.stop_reason)))
             raise
 
     async def _run(self) -> None:
@@ -182,7 +183,9 @@ class TaskRunner:
             if stale and not prior:
                 # An attempt of an older generation or run, recorded and never settled (a crash): it must
                 # be gone before this run starts anything.
-                await settle(self.ctx, self.body, record_from_status(stale), str(StopReason.SPEC_CHANGED))
+                await ensure_stopped(
+                    self.ctx, self.body, record_from_status(stale), str(StopReason.SPEC_CHANGED)
+                )
             state = state_from_status(prior)
             if state.started_at is None:
                 state = replace(state, started_at=time.time())
@@ -196,7 +199,9 @@ class TaskRunner:
                     if current is not None:
                         # Abandoning a recorded attempt (it never started, or could not be confirmed gone
                         # before timeouts.total): one more try to make sure it cannot run.
-                        await settle(self.ctx, self.body, current, failure.reason, deadline=time.time())
+                        await ensure_stopped(
+                            self.ctx, self.body, current, failure.reason, deadline=time.time()
+                        )
                     state = machine.give_up(self.state, failure.reason, failure.message, time.time())
                 self.state = state
             await self._write_final(spec, state)
@@ -232,6 +237,8 @@ class TaskRunner:
             inputs = await self.ctx.inputs.resolve(self.namespace, spec)
             # The slot is taken before the attempt is recorded: a queued task is not Running.
             async with self._slot(state):
+                # The queue may have been long: record the container instance as it is now.
+                pod = self.view.pods.get(pod.metadata.uid, pod) if self.view is not None else pod
                 state = await self._record_attempt(state, pod, container)
                 outcome = await self._attempt(spec, state, "run", inputs, deadline)
         else:
@@ -248,8 +255,10 @@ class TaskRunner:
     async def _resume(
         self, spec: PythonTaskSpec, state: machine.TaskState, deadline: float | None
     ) -> AttemptOutcome:
-        """The recorded attempt after a restart: follow it where it runs, start it only if it never started
-        in that same container instance, else it is lost (and settled, never started elsewhere)."""
+        """The recorded attempt after a restart: followed where it runs, never started. If the container
+        has no trace of it, it is made impossible (a tombstone, against a start still on its way) and
+        counted as not started: the next attempt runs instead. A container that restarted, or a lagging
+        view of one, can therefore never get a second start of the same attempt."""
         record = state.current
         assert record is not None
         self.log.info("resuming the recorded attempt", attempt=record.number, pod=record.pod)
@@ -261,12 +270,17 @@ class TaskRunner:
                 return salvaged
             outcome = _ended(machine.Kind.POD_LOST, "")
             outcome.sent = True  # a run may have reached the container: settle before anything else
-            return await self._settled(record, self._refine(outcome, fate), deadline)
+            return await self._settled(record, self._refine(outcome, fate), deadline, spec=spec)
         outcome = await self._attempt(spec, state, "follow", None, deadline)
         if outcome.missing:
-            # Same container instance, no trace of the attempt: it was recorded but never started.
-            inputs = await self.ctx.inputs.resolve(self.namespace, spec)
-            outcome = await self._attempt(spec, state, "run", inputs, deadline)
+            outcome.kind = machine.Kind.NOT_STARTED
+            outcome.message = (
+                f"Attempt {record.number} was recorded but has no trace in pod {record.pod}: it never "
+                "started (the operator stopped between recording and starting it), and now never will."
+            )
+            outcome.missing = False
+            outcome.sent = True
+            outcome = await self._settled(record, outcome, deadline, force=True)
         return outcome
 
     def _limits(self, spec: PythonTaskSpec, record: machine.AttemptRecord, deadline: float | None) -> Limits:
@@ -315,6 +329,13 @@ class TaskRunner:
         async with self.ctx.pod_cache.watching(self.namespace, record) as lost:
             with self.ctx.pods.running_on(record.pod_uid):
                 outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting, op=op)
+                while self._keep_following(outcome):
+                    # Its container still runs it: a long outage (kubelet, apiserver) is waited out, not
+                    # ended by a kill. The attempt's own deadlines still bound this.
+                    self.log.info("following the attempt again after a long break", attempt=record.number)
+                    mask = outcome.mask
+                    outcome = await run_attempt(self.ctx.api, request, limits, lost, None, op="follow")
+                    outcome.mask |= mask
         if inputs is not None:
             outcome.mask |= inputs.secret_values
         if outcome.kind in (machine.Kind.POD_LOST, machine.Kind.STREAM_BROKEN, machine.Kind.EXEC_ERROR):
@@ -324,7 +345,7 @@ class TaskRunner:
                 outcome = await self._salvage(spec, record, pod, deadline) or self._refine(outcome, fate)
             elif outcome.kind is machine.Kind.POD_LOST:  # a false alarm cannot end an attempt as lost
                 outcome.kind, outcome.message = machine.Kind.STREAM_BROKEN, "The exec stream ended early."
-        outcome = await self._settled(record, outcome, deadline)
+        outcome = await self._settled(record, outcome, deadline, spec=spec)
         if outcome.kind in (machine.Kind.HANG, machine.Kind.STREAM_BROKEN) and not await self._still_ready(
             record
         ):
@@ -340,28 +361,55 @@ class TaskRunner:
         never starts anything. None when there is no result to be had."""
         if pod is None or not container_instance(pod, record.container).running:
             return None
+        return await self._fetch_result(spec, record, deadline)
+
+    async def _fetch_result(
+        self, spec: PythonTaskSpec | None, record: machine.AttemptRecord, deadline: float | None
+    ) -> AttemptOutcome | None:
+        """The attempt's recorded result, if the container holds one (`follow` never starts anything)."""
+        if spec is None:
+            return None
         request = self._request(spec, record, None)
         limits = replace(self._limits(spec, record, deadline), reattach_window=0.0)
         outcome = await run_attempt(self.ctx.api, request, limits, None, None, op="follow")
         if outcome.kind is machine.Kind.EXITED:
-            self.log.info("result recovered from a restarted container", attempt=record.number)
+            self.log.info("the attempt's result was found in the container", attempt=record.number)
             return outcome
         return None
+
+    def _keep_following(self, outcome: AttemptOutcome) -> bool:
+        """A stream that broke for longer than the reattach window, of a script that started and whose
+        pod and container instance are still there (per the pod cache)."""
+        if outcome.kind is not machine.Kind.STREAM_BROKEN or outcome.missing or not outcome.started:
+            return False
+        if "exit status is unknown" in outcome.message:
+            return False  # the agent answered: the supervisor died, there is nothing more to follow
+        record = self.state.current
+        if record is None or self.view is None:
+            return False
+        return not attempt_fate.judge(record, self.view.pods.get(record.pod_uid)).lost
 
     @staticmethod
     def _refine(outcome: AttemptOutcome, fate: attempt_fate.Fate) -> AttemptOutcome:
         assert fate.kind is not None
         outcome.kind, outcome.message, outcome.oom_killed = fate.kind, fate.message, fate.oom_killed
+        outcome.missing = False  # judged lost: "no trace" no longer means anything about a start
         return outcome
 
     async def _settled(
-        self, record: machine.AttemptRecord, outcome: AttemptOutcome, deadline: float | None
+        self,
+        record: machine.AttemptRecord,
+        outcome: AttemptOutcome,
+        deadline: float | None,
+        *,
+        force: bool = False,
+        spec: PythonTaskSpec | None = None,
     ) -> AttemptOutcome:
         """Nothing follows an attempt that may still run until it is confirmed gone (killed, never
         started, or its container gone). A retry never overlaps the script it replaces."""
-        if outcome.settled:
+        if outcome.cannot_be_running and not force:
             return outcome
-        reply = await settle(
+        reply = await ensure_stopped(
             self.ctx, self.body, record, str(outcome.kind), deadline=deadline, waiting=self._waiting_to_settle
         )
         if reply is None:
@@ -370,6 +418,12 @@ class TaskRunner:
                 f"{outcome.message} timeouts.total ran out before attempt {record.number} could be confirmed "
                 f"gone from pod {record.pod}; it was not retried, so it never runs twice.".strip(),
             )
+        if reply.fields.get("wasRunning") and outcome.kind is machine.Kind.NOT_STARTED:
+            # A start still on its way got there before the tombstone: it did run, briefly.
+            outcome.kind = machine.Kind.STREAM_BROKEN
+            outcome.message = (
+                f"Attempt {record.number} started late (after an operator restart) and was stopped."
+            )
         if reply.fields.get("wasRunning"):
             how = "SIGKILL after SIGTERM" if reply.fields.get("forced") else "SIGTERM"
             await self.ctx.events.normal(
@@ -377,6 +431,17 @@ class TaskRunner:
                 "ScriptKilled",
                 f"Attempt {record.number} ({outcome.kind}): process group ended by {how}.",
             )
+        elif (
+            reply.type == "killed"
+            and not reply.fields.get("tombstoned")
+            and outcome.kind is not machine.Kind.NOT_STARTED
+        ):
+            # Nothing was running, yet it had started: it finished while we could not see it. Its result
+            # is still in the container (the kill removes nothing): record that, not the broken stream.
+            finished = await self._fetch_result(spec, record, deadline)
+            if finished is not None:
+                finished.mask |= outcome.mask
+                return finished
         return outcome
 
     async def _waiting_to_settle(self, record: machine.AttemptRecord, problem: str) -> None:
@@ -467,11 +532,12 @@ class TaskRunner:
     async def _pending(
         self, message: str, state: machine.TaskState, reason: str = st.Reason.WAITING_FOR_POD
     ) -> None:
-        if state.current is not None:
-            await self._write(st.Phase.RUNNING, st.Reason.RUNNING, message, state)
+        if state.current is not None:  # an attempt recorded before a restart, waiting for a slot
+            await self._write(st.Phase.RUNNING, reason, message, state)
             return
         phase = st.Phase.RETRYING if state.attempts else st.Phase.PENDING
-        await self._write(phase, state.reason if state.attempts else reason, message, state)
+        keep_last = state.attempts and reason != st.Reason.QUEUED  # a retry waiting for its pod says why
+        await self._write(phase, state.reason if keep_last else reason, message, state)
 
     @contextlib.asynccontextmanager
     async def _slot(self, state: machine.TaskState) -> AsyncIterator[None]:
@@ -492,7 +558,7 @@ class TaskRunner:
         instance = container_instance(pod, container)
         record = machine.AttemptRecord(
             number=number,
-            id=attempt_id(self.generation, self.token, number),
+            id=attempt_id(self.generation, self.token, state.started_at or now, number),
             pod=pod.metadata.name,
             start=now,
             pod_uid=pod.metadata.uid,
@@ -586,7 +652,7 @@ def _ended(kind: machine.Kind, message: str) -> AttemptOutcome:
     return AttemptOutcome(exec_wire.Tail(0), exec_wire.Tail(0), kind=kind, message=message)
 
 
-async def settle(
+async def ensure_stopped(
     ctx: Context,
     body: dict[str, Any],
     record: machine.AttemptRecord,
@@ -610,7 +676,7 @@ async def settle(
                 bound.info("attempt settled: its container is gone")
                 return Message({"type": "killed", "gone": True, "wasRunning": False})
             reply = await kill_attempt(ctx, body, record, why)
-        except (ApiException, ExecError, OSError, TimeoutError) as e:
+        except (ApiException, ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
             problem = str(e) or type(e).__name__
         else:
             if reply.type == "killed" and reply.fields.get("gone"):

@@ -13,11 +13,12 @@ from . import machine
 from . import status as st
 
 
-def attempt_id(generation: int, rerun_token: str, number: int) -> str:
-    """Deterministic: two writers (or a stale runner) that pick attempt N of a run pick the same
-    directory, so the agent's at-most-once start protects them both."""
-    token = hashlib.sha256(rerun_token.encode()).hexdigest()[:8] if rerun_token else "0"
-    return f"g{generation}-r{token}-a{number}"
+def attempt_id(generation: int, rerun_token: str, run_started: float, number: int) -> str:
+    """Deterministic from status: two writers (or a stale runner) that pick attempt N of a run pick the
+    same directory, so the agent's at-most-once start protects them both. The run's start time (status
+    `startTime`) sets apart two runs under the same rerun token (a token toggled back and forth)."""
+    run = hashlib.sha256(f"{rerun_token}@{int(run_started)}".encode()).hexdigest()[:8]
+    return f"g{generation}-r{run}-a{number}"
 
 
 def record_to_status(record: machine.AttemptRecord) -> dict[str, Any]:

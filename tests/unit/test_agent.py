@@ -485,6 +485,32 @@ def test_kills_racing_runs_either_tombstone_or_kill_the_started_script(state: Pa
     assert killed_running > 0, tombstoned
 
 
+def test_a_kill_needs_no_disk_space_for_a_script_that_runs(state: Path, tmp_path: Path, reaped: None) -> None:
+    # The attempt directory can take no new file (a full or read-only disk): the kill must still work.
+    d = state / "task" / "a1"
+    runner = Agent(run_request(d, args=["a1"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())
+    runner.wait_output(b"ready\n")
+    wrapper = ("unshare", "--mount", "sh", "-c", f'mount --bind -o ro {d} {d} && exec "$@"', "sh")
+    killed = call({"op": "kill", "dir": str(d), "grace": 5, "why": "Hang"}, prefix=wrapper)
+    assert killed.one("killed")["gone"] is True
+    assert killed.one("killed")["wasRunning"] is True
+    assert runner.wait_for("result")["result"]["signal"] == signal.SIGTERM
+
+
+def test_an_attempt_started_by_an_older_agent_is_killed_not_tombstoned(
+    state: Path, tmp_path: Path, reaped: None
+) -> None:
+    # Before the fate file, an attempt left only its pid record: it ran, so it is never a tombstone.
+    d = state / "task" / "a1"
+    runner = Agent(run_request(d, args=["a1"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())
+    runner.wait_output(b"ready\n")
+    (d / "fate").unlink()  # what an agent of the previous protocol leaves
+    killed = call({"op": "kill", "dir": str(d), "grace": 5, "why": "Hang"})
+    assert killed.one("killed")["wasRunning"] is True
+    assert killed.one("killed")["tombstoned"] is False
+    assert runner.wait_for("result")["result"]["signal"] == signal.SIGTERM
+
+
 def test_killing_a_running_script_records_who_killed_it(state: Path, tmp_path: Path, reaped: None) -> None:
     d = state / "task" / "a1"
     runner = Agent(run_request(d, args=["a1"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())

@@ -26,9 +26,17 @@ def go_json_size(value: object) -> int:
 
 
 def test_attempt_ids_are_deterministic_and_distinct_per_run() -> None:
-    assert attempt_id(3, "", 1) == attempt_id(3, "", 1) == "g3-r0-a1"
-    ids = {attempt_id(g, t, n) for g in (1, 2) for t in ("", "a", "b") for n in (1, 2)}
-    assert len(ids) == 12
+    assert attempt_id(3, "", 1000.0, 1) == attempt_id(3, "", 1000.9, 1)
+    assert attempt_id(3, "", 1000.0, 1).startswith("g3-r")
+    assert attempt_id(3, "", 1000.0, 1).endswith("-a1")
+    ids = {
+        attempt_id(g, t, at, n)
+        for g in (1, 2)
+        for t in ("", "a", "b")
+        for at in (1000.0, 2000.0)
+        for n in (1, 2)
+    }
+    assert len(ids) == 24  # a rerun token used again later is another run
 
 
 def test_exec_failures_and_the_recorded_container_survive_a_restart() -> None:

@@ -459,6 +459,13 @@ def read_fate(d: str) -> Fate | None:
         with open(os.path.join(d, "fate")) as f:
             return Fate(f.read())
     except FileNotFoundError:
+        # An attempt started by an agent older than the fate file (an operator upgraded while it ran)
+        # has a pid record or a result but no fate: it ran.
+        pids = read_pids(d)
+        if pids is not None:
+            return Fate(f"run {pids.get('supervisor')} {pids.get('supervisorStart')}")
+        if os.path.exists(os.path.join(d, "result.json")):
+            return Fate("run")
         return None
     except (OSError, ValueError):
         return Fate("")  # there, but unreadable: it may have run
@@ -921,17 +928,23 @@ def op_run(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
                 f"{START_WINDOW_SECONDS:g}s): the operator has given up on this exec, so it starts nothing"
             )
         parent = os.path.dirname(d.rstrip("/"))
-        try:
-            os.makedirs(parent, 0o700, exist_ok=True)
-        except OSError as e:
-            raise not_writable(e, parent, d) from None
-        try:
-            os.mkdir(d, 0o700)  # the claim: exclusive
-            claimed = True
-        except FileExistsError:
-            claimed = False
-        except OSError as e:
-            raise not_writable(e, d, d) from None
+        for again in (True, False):
+            try:
+                os.makedirs(parent, 0o700, exist_ok=True)
+            except OSError as e:
+                raise not_writable(e, parent, d) from None
+            try:
+                os.mkdir(d, 0o700)  # the claim: exclusive
+                claimed = True
+            except FileExistsError:
+                claimed = False
+            except FileNotFoundError as e:
+                if again:
+                    continue  # a forget removed the (then empty) task directory in between
+                raise not_writable(e, d, d) from None
+            except OSError as e:
+                raise not_writable(e, d, d) from None
+            break
         if claimed:
             try:
                 if not req.get("scriptPath"):
@@ -972,16 +985,20 @@ def op_kill(ch: Channel, req: dict[str, Any]) -> None:
     d = req["dir"]
     why = str(req.get("why") or "killed")
     grace = float(req.get("grace", 5))
-    try:
-        os.makedirs(d, 0o700, exist_ok=True)
-        tombstoned = decide(d, "killed " + why)
-    except OSError as e:
-        if os.path.isdir(d):
-            raise not_writable(e, d, d) from None
-        # Nothing can be there, and nothing can start there.
-        ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=False)
-        return
-    fate = Fate("killed") if tombstoned else read_fate(d) or Fate("")
+    # Decided already (it runs, or it is a tombstone)? Then nothing needs writing: a full disk must never
+    # stop a kill.
+    fate = read_fate(d) if os.path.isdir(d) else None
+    if fate is None:
+        try:
+            os.makedirs(d, 0o700, exist_ok=True)
+            tombstoned = decide(d, "killed " + why)
+        except OSError as e:
+            if os.path.isdir(d):
+                raise not_writable(e, d, d) from None
+            # Nothing can be there, and nothing can start there.
+            ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=False)
+            return
+        fate = Fate("killed") if tombstoned else read_fate(d) or Fate("")
     if fate.killed:
         ch.message("killed", wasRunning=False, gone=True, forced=False, tombstoned=True)
         return
