@@ -18,14 +18,18 @@ deadlines, and report what happened. The exec wire edge of the runner; it decide
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import structlog
 from kubernetes_asyncio import client
 
 from . import exec_wire
 from .agent_protocol import (
+    FORGET_ACK,
     AgentProtocolError,
     AgentStreamDecoder,
     Message,
@@ -43,6 +47,10 @@ REATTACH_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 STREAM_SILENCE_SECONDS = 20.0
 # How long a stream may go on after its pod or container was seen gone (a result may be in flight).
 LOST_GRACE_SECONDS = 5.0
+# The stream that delivered a result stays open until the runner has recorded it (a status write), then
+# the agent is told to forget the attempt's files; past this the files stay for the janitor.
+ACK_WAIT_SECONDS = 60.0
+ACK_REPLY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,9 @@ class AttemptOutcome:
     started: bool = False
     missing: bool = False  # `follow` found no such attempt in the container (it never started there)
     mask: frozenset[str] = frozenset()  # secret values sent with the run, to mask in everything written
+    # Holds the stream that delivered the result: call with True once status has recorded it (the agent
+    # then removes the attempt's files, answering True), or False to let go. Idempotent.
+    release: Callable[[bool], Awaitable[bool]] = field(default=lambda forget: _nothing_held())
 
     @property
     def stdout_bytes(self) -> int:
@@ -95,6 +106,10 @@ class AttemptOutcome:
     def to_machine(self) -> Outcome:
         assert self.kind is not None
         return Outcome(self.kind, self.message, self.exit_code, self.signal, self.oom_killed, self.reason)
+
+
+async def _nothing_held() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,9 @@ class _Session:
         self.caught_up = False
         self.op = "run"
         self.result: dict[str, Any] | None = None
+        self.result_in = asyncio.Event()
+        self.acknowledged: asyncio.Future[bool] = loop.create_future()
+        self.forgotten = False
 
     def deadline(self) -> float:
         if not self.outcome.started and self.op == "run":
@@ -241,6 +259,27 @@ class _Session:
         finally:
             self.release_gate()
 
+    async def _hold_until_recorded(self, stream: Any, decoder: AgentStreamDecoder) -> None:
+        """Keeps the stream (and the agent, heartbeating) until the runner says the result is recorded,
+        then has the agent remove the attempt's files: no second exec, no files left behind."""
+        self.result_in.set()
+        try:
+            forget = await asyncio.wait_for(asyncio.shield(self.acknowledged), ACK_WAIT_SECONDS)
+        except TimeoutError:
+            return
+        if not forget:
+            return
+        with contextlib.suppress(ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError):
+            async with asyncio.timeout(ACK_REPLY_SECONDS):
+                await stream.write_stdin(FORGET_ACK)
+                async for channel, data in stream.frames():
+                    if channel != exec_wire.STDOUT:
+                        continue
+                    for event in decoder.feed(data):
+                        if isinstance(event, Message) and event.type == "forgotten":
+                            self.forgotten = True
+                            return
+
     def hard_deadline(self) -> float:
         total = self.limits.total_deadline
         return self.limits.attempt_deadline if total is None else min(total, self.limits.attempt_deadline)
@@ -276,6 +315,8 @@ class _Session:
                         else:
                             self.on_message(event)
                     if self.result is not None:
+                        timer.reschedule(None)  # the attempt is over; only the acknowledgement is left
+                        await self._hold_until_recorded(stream, decoder)
                         return None
                     timer.reschedule(self.deadline())
             status = stream.status
@@ -300,11 +341,34 @@ async def run_attempt(
     outcome.sent = op == "follow"
     session = _Session(req, limits, outcome, gate)
     lost = pod_lost or asyncio.Event()
+    follower = asyncio.ensure_future(_follow_to_the_end(api, session, lost, op))
+    result_in = asyncio.ensure_future(session.result_in.wait())
     try:
-        await _follow_to_the_end(api, session, lost, op)
-    except _Ended as ended:
-        outcome.kind, outcome.message, outcome.reason = ended.kind, ended.message, ended.reason
-        return outcome
+        await asyncio.wait({follower, result_in}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        raise
+    finally:
+        result_in.cancel()
+    if follower.done():
+        try:
+            follower.result()
+        except _Ended as ended:
+            outcome.kind, outcome.message, outcome.reason = ended.kind, ended.message, ended.reason
+            return outcome
+    else:
+
+        async def release(forget: bool) -> bool:
+            if not session.acknowledged.done():
+                session.acknowledged.set_result(forget)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(follower), ACK_REPLY_SECONDS + 5)
+            if not follower.done():
+                follower.cancel()
+            return session.forgotten
+
+        outcome.release = release
     result = session.result or {}
     outcome.resources = result.get("resources")
     code = result.get("exitCode")

@@ -158,6 +158,8 @@ class TaskRunner:
         try:
             await self._run()
         except asyncio.CancelledError:
+            if self.last is not None:
+                await asyncio.shield(self.last.release(False))
             current = self.state.current
             if self.stop_reason in (StopReason.DELETED, StopReason.SPEC_CHANGED) and current is not None:
                 await asyncio.shield(ensure_stopped(self.ctx, self.body, current, str(self.stop_reason)))
@@ -375,6 +377,7 @@ class TaskRunner:
         if outcome.kind is machine.Kind.EXITED:
             self.log.info("the attempt's result was found in the container", attempt=record.number)
             return outcome
+        await outcome.release(False)
         return None
 
     def _keep_following(self, outcome: AttemptOutcome) -> bool:
@@ -486,13 +489,16 @@ class TaskRunner:
             message = mask(decision.message, outcome.mask)
             await self.ctx.events.warning(self.body, decision.reason, message)
             await self._write(st.Phase.RETRYING, decision.reason, message, state)
-            self._forget(record, outcome)
+            await self._forget(record, outcome)
         return state
 
-    def _forget(self, record: machine.AttemptRecord, outcome: AttemptOutcome) -> None:
-        """Its outcome is in status now: its files in the container can go (batched, in the background).
-        Not a tombstone (an attempt that never started there): a start arriving late must still find it.
+    async def _forget(self, record: machine.AttemptRecord, outcome: AttemptOutcome) -> None:
+        """Its outcome is in status now: its files in the container can go, through the stream that
+        delivered the result (the agent waits for that word), else batched in the background. Not a
+        tombstone (an attempt that never started there): a start arriving late must still find it.
         Tombstones go with the task's directory when the task is deleted."""
+        if await outcome.release(True):
+            return
         if not (outcome.started or outcome.kind is machine.Kind.EXITED):
             return
         target = ExecTarget(self.namespace, record.pod, record.container)
@@ -608,7 +614,7 @@ class TaskRunner:
             await self.ctx.events.warning(self.body, str(state.reason), message)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
         if self.last_record is not None and last is not None:
-            self._forget(self.last_record, last)
+            await self._forget(self.last_record, last)
         if spec is not None and spec.target.template is not None and not spec.target.keep_pod:
             await self.ctx.pods.delete_template_pods(self.body)
 
