@@ -369,7 +369,12 @@ async def run_attempt(
             return session.forgotten
 
         outcome.release = release
-    result = session.result or {}
+    apply_result(outcome, session.result or {}, req.max_output_bytes)
+    return outcome
+
+
+def apply_result(outcome: AttemptOutcome, result: dict[str, Any], max_output_bytes: int) -> None:
+    """What the agent's recorded result means for the attempt (pure)."""
     outcome.resources = result.get("resources")
     code = result.get("exitCode")
     killed_by = result.get("killedBy")
@@ -385,7 +390,7 @@ async def run_attempt(
     elif result.get("outputLimitExceeded"):
         outcome.kind, outcome.reason = Kind.FAILED, "OutputLimitExceeded"
         outcome.message = (
-            f"The script wrote more than spec.output.maxBytes ({req.max_output_bytes} bytes) and was killed."
+            f"The script wrote more than spec.output.maxBytes ({max_output_bytes} bytes) and was killed."
         )
     elif isinstance(code, int):
         outcome.kind, outcome.exit_code, outcome.signal = Kind.EXITED, code, result.get("signal")
@@ -393,7 +398,6 @@ async def run_attempt(
     else:
         outcome.kind = Kind.STREAM_BROKEN
         outcome.message = f"The script's exit status is unknown: {result.get('error') or 'no exit code'}."
-    return outcome
 
 
 async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asyncio.Event, op: str) -> None:

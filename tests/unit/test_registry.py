@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from pythontask import registry as registry_module
 from pythontask.registry import BACKOFF_MAX_SECONDS, Registry
+from pythontask.runner import FINALIZER
+from support.waiting import eventually
 
 
 class Recording(Registry):
@@ -55,3 +62,34 @@ def test_failures_back_off_exponentially_up_to_a_cap() -> None:
     assert delays[:4] == [5, 10, 20, 40]
     assert delays[-1] == BACKOFF_MAX_SECONDS
     assert delays == sorted(delays)
+
+
+class FlakyTasks:
+    """Releasing the finalizer fails once (an apiserver hiccup), then works."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body, self.calls = body, 0
+
+    async def set_finalizer(self, body: dict[str, Any], finalizer: str, present: bool) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise ApiException(status=500, reason="etcd leader changed")
+        return body
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.body
+
+
+async def test_a_failed_finalization_is_tried_again_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "BACKOFF_INITIAL_SECONDS", 0.01)
+    body = task(1)
+    body["metadata"].update(deletionTimestamp="2026-11-21T00:00:00Z", finalizers=[FINALIZER])
+    tasks = FlakyTasks(body)
+    registry = Registry(SimpleNamespace(tasks=tasks))  # type: ignore[arg-type]
+    registry.observe("MODIFIED", body)
+
+    async def released() -> bool:
+        return tasks.calls >= 2 and not registry._finalizing
+
+    await eventually(released, within=5, what="the finalizer released on the second try")
+    assert registry.failures.get("u1") is None  # reset once it worked
