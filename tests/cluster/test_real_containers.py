@@ -97,6 +97,22 @@ async def ready_real_pod(
     return await eventually(probe, within=120, what=f"pod {name} Ready on the real node")
 
 
+async def exists_in(api: client.ApiClient, namespace: str, pod: str, path: str) -> bool:
+    code = f"import os; print(os.path.exists({path!r}))"
+    return await exec_python(namespace, pod, code, api) == "True\n"
+
+
+async def wait_until_exists(api: client.ApiClient, namespace: str, pod: str, path: str, what: str) -> None:
+    await eventually(lambda: exists_in(api, namespace, pod, path), within=60, what=what)
+
+
+async def wait_for_restarts(core: client.CoreV1Api, namespace: str, pod: str, count: int) -> None:
+    async def restarted() -> bool:
+        return await restart_count(core, namespace, pod) == count
+
+    await eventually(restarted, within=60, what=f"pod {pod}'s container to restart")
+
+
 async def restart_count(core: client.CoreV1Api, namespace: str, pod: str) -> int:
     p = await core.read_namespaced_pod(pod, namespace)
     return sum(cs.restart_count for cs in p.status.container_statuses or [])
@@ -277,20 +293,11 @@ async def test_a_container_restart_while_the_operator_is_down_is_never_a_second_
         "away", {"target": {"podName": "flaky"}, "script": {"inline": script}, "retry": {"limit": 0}}
     )
 
-    async def started() -> bool:
-        return (
-            await exec_python(tasks.namespace, "flaky", "import os; print(os.path.exists('/data/runs'))", api)
-            == "True\n"
-        )
-
-    await eventually(started, within=60, what="attempt 1 to start")
+    await wait_until_exists(api, tasks.namespace, "flaky", "/data/runs", "attempt 1 to start")
     restartable_operator.kill()
     await exec_python(tasks.namespace, "flaky", "open('/data/die', 'w').close()", api)
 
-    async def restarted() -> bool:
-        return await restart_count(core, tasks.namespace, "flaky") == 1
-
-    await eventually(restarted, within=60, what="the container to restart")
+    await wait_for_restarts(core, tasks.namespace, "flaky", 1)
     restartable_operator.start()
     status = await tasks.wait_status("away", within=60)
     assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "ContainerRestarted", 1), (
@@ -316,15 +323,7 @@ async def test_graceful_pod_deletion_lets_a_running_script_finish_and_keeps_its_
         "graceful", {"target": {"podName": "draining"}, "script": {"inline": script}, "retry": {"limit": 2}}
     )
 
-    async def started() -> bool:
-        return (
-            await exec_python(
-                tasks.namespace, "draining", "import os; print(os.path.exists('/tmp/started'))", api
-            )
-            == "True\n"
-        )
-
-    await eventually(started, within=60, what="the script to start")
+    await wait_until_exists(api, tasks.namespace, "draining", "/tmp/started", "the script to start")
     await core.delete_namespaced_pod("draining", tasks.namespace)
     status = await tasks.wait_status("graceful", within=60)
     assert (status["phase"], status["attempts"], status["exitCode"]) == ("Succeeded", 1, 0), status
@@ -448,8 +447,9 @@ async def test_a_kill_before_the_start_leaves_a_tombstone_that_a_late_start_hono
         return await exec_python(tasks.namespace, "late", AGENTS_DONE, api) == "True\n"
 
     await eventually(late_agent_done, within=60, what="the late run agent (and the kill) to have exited")
-    ran = await exec_python(tasks.namespace, "late", "import os; print(os.path.exists('/tmp/ran'))", api)
-    assert ran == "False\n"  # the tombstone stopped the late start
+    assert not await exists_in(
+        api, tasks.namespace, "late", "/tmp/ran"
+    )  # the tombstone stopped the late start
 
 
 async def test_a_result_in_a_state_volume_survives_a_container_restart(
@@ -473,15 +473,7 @@ async def test_a_result_in_a_state_volume_survives_a_container_restart(
         "kept", {"target": {"podName": "keeper"}, "script": {"inline": script}, "retry": {"limit": 1}}
     )
 
-    async def started() -> bool:
-        return (
-            await exec_python(
-                tasks.namespace, "keeper", "import os; print(os.path.exists('/data/runs'))", api
-            )
-            == "True\n"
-        )
-
-    await eventually(started, within=60, what="attempt 1 to start")
+    await wait_until_exists(api, tasks.namespace, "keeper", "/data/runs", "attempt 1 to start")
     restartable_operator.kill()
     # The script finishes while nobody watches, then the container restarts before its result is recorded.
     await exec_python(tasks.namespace, "keeper", "open('/data/go', 'w').close()", api)
@@ -493,10 +485,7 @@ async def test_a_result_in_a_state_volume_survives_a_container_restart(
     await eventually(finished, within=30, what="the script's result to be recorded in the container")
     await exec_python(tasks.namespace, "keeper", "open('/data/die', 'w').close()", api)
 
-    async def restarted() -> bool:
-        return await restart_count(core, tasks.namespace, "keeper") == 1
-
-    await eventually(restarted, within=60, what="the container to restart")
+    await wait_for_restarts(core, tasks.namespace, "keeper", 1)
     restartable_operator.start()
     status = await tasks.wait_status("kept", within=60)
     assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "kept\n"), (
