@@ -177,8 +177,12 @@ class _Session:
         self.acknowledged: asyncio.Future[bool] = loop.create_future()
         self.forgotten = False
 
+    def starting(self) -> bool:
+        """A run not yet started: `connect` bounds it (a follow never starts anything, so never)."""
+        return self.op == "run" and not self.outcome.started
+
     def deadline(self) -> float:
-        if not self.outcome.started and self.op == "run":
+        if self.starting() and not self.outcome.accepted:
             return self.attempt_deadline()  # the connect deadline covers a silent start
         return min(self.attempt_deadline(), self.last_frame + STREAM_SILENCE_SECONDS)
 
@@ -187,9 +191,9 @@ class _Session:
         candidates = [self.limits.attempt_deadline]
         if self.limits.total_deadline is not None:
             candidates.append(self.limits.total_deadline)
-        if not self.outcome.started:
+        if self.starting():
             candidates.append(self.connect_deadline)
-        elif self.limits.idle is not None:
+        elif self.outcome.started and self.limits.idle is not None:
             candidates.append(self.last_output + self.limits.idle)
         return min(candidates)
 
@@ -199,7 +203,7 @@ class _Session:
             return _Ended(Kind.DEADLINE, "timeouts.total ran out while the script was running.")
         if now >= self.limits.attempt_deadline:
             return _Ended(Kind.ATTEMPT_TIMEOUT, "The attempt ran past timeouts.attempt.")
-        if not self.outcome.started and now >= self.connect_deadline:
+        if self.starting() and now >= self.connect_deadline:
             return _Ended(
                 Kind.CONNECT_TIMEOUT,
                 f"The script had not started {self.limits.connect:g}s after exec was opened.",
@@ -378,10 +382,18 @@ def apply_result(outcome: AttemptOutcome, result: dict[str, Any], max_output_byt
     outcome.resources = result.get("resources")
     code = result.get("exitCode")
     killed_by = result.get("killedBy")
+    ended_after_kill = (
+        isinstance(killed_by, dict)
+        and isinstance(killed_by.get("at"), (int, float))
+        and isinstance(result.get("finishedAt"), (int, float))
+        and result["finishedAt"] >= killed_by["at"]
+    )
     if (
         isinstance(killed_by, dict)
         and killed_by.get("why") in Kind.__members__.values()
-        and result.get("signal")  # a script that finished by itself as the kill came keeps its exit code
+        # Died of our signal, or ended after it (a handler that exits 0 on SIGTERM); a script that had
+        # finished by itself before the kill came keeps its exit code.
+        and (result.get("signal") or ended_after_kill)
     ):
         # The operator killed it (a hang, a timeout) and then stopped before recording why: that reason
         # stands, not the exit code of the kill.
@@ -409,6 +421,7 @@ async def _follow_to_the_end(api: client.ApiClient, session: _Session, lost: asy
             problem = await _stream_or_lost(api, session, op, lost)
         except _Ended:
             if unclaimed and session.outcome.missing:
+                session.outcome.missing = False  # "missing" here says the run never claimed, nothing more
                 raise _Ended(Kind.EXEC_ERROR, unclaimed) from None  # it never got as far as a claim
             raise
         if session.result is not None:

@@ -18,6 +18,7 @@ from enum import StrEnum
 from .status import SIGNAL_NAMES, Phase, Reason
 
 HISTORY_LIMIT = 10
+FREE_NOT_STARTED = 3  # attempts that never started and cost no retry, at most
 EXEC_FAILURES_BEFORE_RESTART = 2
 
 
@@ -231,9 +232,13 @@ def end(
     entry = HistoryEntry(current.number, current.pod, current.start, now, reason, outcome.exit_code)
     history = (*state.history, entry)[-HISTORY_LIMIT:]
     failures = _exec_failures(state, outcome, current.pod)
-    not_started = state.not_started + (outcome.kind is Kind.NOT_STARTED)
-    state = replace(state, current=None, history=history, exec_failures=failures, not_started=not_started)
-    decision = _decide(state, outcome, reason=reason, pod=pod, policy=policy, now=now)
+    # An attempt that never started is free, a few times: an operator that keeps crashing between
+    # recording and starting must still reach a final status.
+    free = outcome.kind is Kind.NOT_STARTED and state.not_started < FREE_NOT_STARTED
+    state = replace(
+        state, current=None, history=history, exec_failures=failures, not_started=state.not_started + free
+    )
+    decision = _decide(state, outcome, reason=reason, pod=pod, policy=policy, now=now, free=free)
     if decision.action is Action.SUCCEED:
         return _final(state, Phase.SUCCEEDED, reason, decision.message, outcome.exit_code), decision
     if decision.action is Action.FAIL:
@@ -258,7 +263,14 @@ def _exec_failures(state: TaskState, outcome: Outcome, pod: str) -> tuple[str, i
 
 
 def _decide(
-    state: TaskState, outcome: Outcome, *, reason: str, pod: PodFacts, policy: Policy, now: float
+    state: TaskState,
+    outcome: Outcome,
+    *,
+    reason: str,
+    pod: PodFacts,
+    policy: Policy,
+    now: float,
+    free: bool = False,
 ) -> Decision:
     message = _describe(outcome)
     if outcome.kind is Kind.EXITED and outcome.exit_code == 0:
@@ -269,7 +281,7 @@ def _decide(
         assert outcome.exit_code is not None
         if not policy.retries_exit_code(outcome.exit_code):
             return Decision(Action.FAIL, reason, f"{message} Exit code {outcome.exit_code} is not retried.")
-    if outcome.kind is Kind.NOT_STARTED:
+    if free:
         # It never ran, so retrying costs nothing of retry.limit and needs no backoff; only an operator
         # crash between recording and starting, or a kill that beat the start, leads here.
         retry = Decision(Action.RETRY, reason, f"{message} Starting it anew now.")

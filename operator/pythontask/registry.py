@@ -120,10 +120,15 @@ class Registry:
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
         self.running[uid] = Running(generation, token, runner, task, previous)
-        task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t))
+        task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t, runner))
 
     def _runner_done(
-        self, uid: str, body: dict[str, Any], key: tuple[int, str], task: asyncio.Task[None]
+        self,
+        uid: str,
+        body: dict[str, Any],
+        key: tuple[int, str],
+        task: asyncio.Task[None],
+        runner: TaskRunner,
     ) -> None:
         running = self.running.get(uid)
         if running and running.task is task:
@@ -131,7 +136,7 @@ class Registry:
         if uid in self._deleted:
             self._deleted.discard(uid)
             return  # gone: nothing to remember or retry
-        stopped = running.runner.stop_reason if running and running.task is task else None
+        stopped = runner.stop_reason  # this runner's own: the registry may already hold its replacement
         if task.cancelled() and stopped is not None:
             return  # stopped on purpose; whoever stopped it carries on
         error = None if task.cancelled() else task.exception()

@@ -33,7 +33,7 @@ from . import attempt_fate, exec_wire, machine
 from . import status as st
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError, Message
-from .attempt import AttemptOutcome, AttemptRequest, Limits, run_attempt
+from .attempt import STREAM_SILENCE_SECONDS, AttemptOutcome, AttemptRequest, Limits, run_attempt
 from .attempt_fate import container_instance
 from .config import Settings
 from .events import Events
@@ -273,6 +273,20 @@ class TaskRunner:
             outcome = _ended(machine.Kind.POD_LOST, "")
             outcome.sent = True  # a run may have reached the container: settle before anything else
             return await self._settled(record, self._refine(outcome, fate), deadline, spec=spec)
+        if time.time() >= min(record.start + spec.timeouts.attempt_seconds, deadline or float("inf")):
+            # Its time ran out while the operator was away: a result may be waiting; else it is over.
+            finished = await self._fetch_result(spec, record, deadline)
+            if finished is not None:
+                return finished
+            past = deadline is not None and time.time() >= deadline
+            outcome = _ended(
+                machine.Kind.DEADLINE if past else machine.Kind.ATTEMPT_TIMEOUT,
+                "timeouts.total ran out while the script was running."
+                if past
+                else "The attempt ran past timeouts.attempt.",
+            )
+            outcome.sent = True
+            return await self._settled(record, outcome, deadline, spec=spec)
         outcome = await self._attempt(spec, state, "follow", None, deadline)
         if outcome.missing:
             outcome.kind = machine.Kind.NOT_STARTED
@@ -282,7 +296,7 @@ class TaskRunner:
             )
             outcome.missing = False
             outcome.sent = True
-            outcome = await self._settled(record, outcome, deadline, force=True)
+            outcome = await self._settled(record, outcome, deadline, force=True, spec=spec)
         return outcome
 
     def _limits(self, spec: PythonTaskSpec, record: machine.AttemptRecord, deadline: float | None) -> Limits:
@@ -335,11 +349,14 @@ class TaskRunner:
                     # Its container still runs it: a long outage (kubelet, apiserver) is waited out, not
                     # ended by a kill. The attempt's own deadlines still bound this.
                     self.log.info("following the attempt again after a long break", attempt=record.number)
-                    mask = outcome.mask
+                    before = outcome
                     outcome = await run_attempt(self.ctx.api, request, limits, lost, None, op="follow")
-                    outcome.mask |= mask
+                    outcome.mask |= before.mask
+                    outcome.started |= before.started
         if inputs is not None:
             outcome.mask |= inputs.secret_values
+        if outcome.missing:
+            return outcome  # a recovery follow found no trace: _resume decides, and stops it once
         if outcome.kind in (machine.Kind.POD_LOST, machine.Kind.STREAM_BROKEN, machine.Kind.EXEC_ERROR):
             pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
             fate = attempt_fate.judge(record, pod)
@@ -372,7 +389,11 @@ class TaskRunner:
         if spec is None:
             return None
         request = self._request(spec, record, None)
-        limits = replace(self._limits(spec, record, deadline), reattach_window=0.0)
+        # Looking needs its own bound: the attempt's deadlines may have passed (that is often why we look).
+        look = spec.timeouts.connect_seconds + STREAM_SILENCE_SECONDS
+        limits = Limits(
+            spec.timeouts.connect_seconds, None, asyncio.get_running_loop().time() + look, None, 0.0
+        )
         outcome = await run_attempt(self.ctx.api, request, limits, None, None, op="follow")
         if outcome.kind is machine.Kind.EXITED:
             self.log.info("the attempt's result was found in the container", attempt=record.number)
@@ -383,7 +404,7 @@ class TaskRunner:
     def _keep_following(self, outcome: AttemptOutcome) -> bool:
         """A stream that broke for longer than the reattach window, of a script that started and whose
         pod and container instance are still there (per the pod cache)."""
-        if outcome.kind is not machine.Kind.STREAM_BROKEN or outcome.missing or not outcome.started:
+        if outcome.kind is not machine.Kind.STREAM_BROKEN or outcome.missing or not outcome.sent:
             return False
         if "exit status is unknown" in outcome.message:
             return False  # the agent answered: the supervisor died, there is nothing more to follow
@@ -421,8 +442,14 @@ class TaskRunner:
                 f"{outcome.message} timeouts.total ran out before attempt {record.number} could be confirmed "
                 f"gone from pod {record.pod}; it was not retried, so it never runs twice.".strip(),
             )
-        if reply.fields.get("wasRunning") and outcome.kind is machine.Kind.NOT_STARTED:
-            # A start still on its way got there before the tombstone: it did run, briefly.
+        if outcome.kind is machine.Kind.NOT_STARTED and not reply.fields.get("tombstoned"):
+            # A start still on its way got there before the tombstone: it did run. Its result, if it
+            # already finished; else it was stopped, and says so.
+            finished = (
+                None if reply.fields.get("wasRunning") else await self._fetch_result(spec, record, deadline)
+            )
+            if finished is not None:
+                return finished
             outcome.kind = machine.Kind.STREAM_BROKEN
             outcome.message = (
                 f"Attempt {record.number} started late (after an operator restart) and was stopped."

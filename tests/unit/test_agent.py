@@ -479,7 +479,7 @@ def test_kills_racing_runs_either_tombstone_or_kill_the_started_script(state: Pa
             assert (killed["wasRunning"], killed["gone"]) == (True, True), killed
             assert run_reply.types == ["accepted", "started", "caughtUp", "result"], run_reply.types
             result = run_reply.one("result")["result"]
-            assert result["killedBy"] == {"why": "Hang"}
+            assert result["killedBy"]["why"] == "Hang"
             assert (result["exitCode"], result["signal"]) == (143, signal.SIGTERM)
     assert tombstoned > 0, killed_running
     assert killed_running > 0, tombstoned
@@ -522,7 +522,7 @@ def test_killing_a_running_script_records_who_killed_it(state: Path, tmp_path: P
     result = runner.wait_for("result")["result"]
     assert result["exitCode"] == 143
     assert result["signal"] == signal.SIGTERM
-    assert result["killedBy"] == {"why": "Hang"}
+    assert result["killedBy"]["why"] == "Hang"
     assert result["oomKilled"] is False
     assert runner.close() == 0
     assert json.loads((d / "killed").read_text())["why"] == "Hang"
@@ -540,7 +540,7 @@ def test_a_script_that_ignores_sigterm_is_forced_and_not_taken_for_an_oom_kill(s
     assert killed.one("killed")["gone"] is True
     result = runner.wait_for("result")["result"]
     assert (result["exitCode"], result["signal"]) == (137, signal.SIGKILL)
-    assert result["killedBy"] == {"why": "AttemptTimeout"}
+    assert result["killedBy"]["why"] == "AttemptTimeout"
     assert result["oomKilled"] is False
     assert runner.close() == 0
 
@@ -591,7 +591,7 @@ def test_forget_never_removes_a_running_attempt(state: Path, tmp_path: Path) -> 
     assert sorted(p.name for p in task.iterdir()) == ["running"]
 
     call({"op": "kill", "dir": str(running), "grace": 1, "why": "Hang"})
-    assert runner.wait_for("result")["result"]["killedBy"] == {"why": "Hang"}
+    assert runner.wait_for("result")["result"]["killedBy"]["why"] == "Hang"
     assert runner.close() == 0
     reply = call({"op": "forget", "dirs": [], "tasks": [str(task)]})
     assert reply.one("forgotten")["removed"] == 1

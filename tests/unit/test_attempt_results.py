@@ -37,3 +37,10 @@ def test_an_output_limit_and_a_lost_status_say_so() -> None:
     lost = meaning({"error": "the script's supervisor died"})
     assert lost.kind is Kind.STREAM_BROKEN
     assert "supervisor died" in lost.message
+
+
+def test_a_script_that_exits_0_on_our_sigterm_is_still_our_kill() -> None:
+    outcome = meaning({"exitCode": 0, "finishedAt": 105.0, "killedBy": {"why": "Hang", "at": 100.0}})
+    assert outcome.kind is Kind.HANG
+    finished_first = meaning({"exitCode": 0, "finishedAt": 99.0, "killedBy": {"why": "Hang", "at": 100.0}})
+    assert (finished_first.kind, finished_first.exit_code) == (Kind.EXITED, 0)

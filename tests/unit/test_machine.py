@@ -330,3 +330,23 @@ class TaskLifecycle(RuleBasedStateMachine):
 
 TestTaskLifecycle = TaskLifecycle.TestCase
 TestTaskLifecycle.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_only_a_few_attempts_that_never_started_are_free() -> None:
+    # An operator crashing between recording and starting, again and again, still reaches a final status.
+    policy = replace(POLICY, retry_limit=1, backoff_initial=0)
+    state = m.TaskState()
+    for i in range(m.FREE_NOT_STARTED):
+        state, decision = run_once(
+            m.Outcome(m.Kind.NOT_STARTED, "never ran"), state=state, policy=policy, now=100 + i
+        )
+        assert (decision.action, decision.delay) == (m.Action.RETRY, 0)
+    assert state.not_started == m.FREE_NOT_STARTED
+    state, decision = run_once(
+        m.Outcome(m.Kind.NOT_STARTED, "never ran"), state=state, policy=policy, now=110
+    )
+    assert decision.action is m.Action.RETRY  # counted now: the one retry retry.limit allows
+    state, decision = run_once(
+        m.Outcome(m.Kind.NOT_STARTED, "never ran"), state=state, policy=policy, now=120
+    )
+    assert (decision.action, state.phase) == (m.Action.FAIL, Phase.FAILED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -93,3 +94,20 @@ async def test_a_failed_finalization_is_tried_again_not_dropped(monkeypatch: pyt
 
     await eventually(released, within=5, what="the finalizer released on the second try")
     assert registry.failures.get("u1") is None  # reset once it worked
+
+
+async def test_a_runner_replaced_by_a_spec_edit_is_not_a_failure() -> None:
+    registry = Registry(SimpleNamespace())  # type: ignore[arg-type]
+    body = task(1)
+    runner = SimpleNamespace(stop_reason="SpecChanged")
+
+    async def stopped() -> None:
+        await asyncio.sleep(3600)
+
+    cancelled = asyncio.ensure_future(stopped())
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    registry.running["u1"] = SimpleNamespace(task=object())  # type: ignore[assignment]  # its replacement
+    registry._runner_done("u1", body, (1, ""), cancelled, runner)  # type: ignore[arg-type]
+    assert registry.failures == {}
+    assert not registry._background  # no "look again" for an intended stop

@@ -41,7 +41,7 @@
 #   pid           JSON: the script's pid (= its process group) and the supervisor's, with start times
 #   killed        JSON {why}: written by a kill op before it signals the script
 #   result.json   written atomically by the supervisor once the script has ended: exitCode (128+N for
-#                 signal N), signal, startedAt, finishedAt, resources, oomKilled, killedBy {why},
+#                 signal N), signal, startedAt, finishedAt, resources, oomKilled, killedBy {why, at},
 #                 outputLimitExceeded; or {error} if the exit status was lost
 #
 # Processes: a run agent forks the supervisor once. The supervisor calls setsid (a dropped exec session or
@@ -622,7 +622,7 @@ def run_script(run: Run, notify: int) -> dict[str, Any]:
     else:
         result["exitCode"] = os.WEXITSTATUS(status)
     if isinstance(killed_by, dict):
-        result["killedBy"] = {"why": str(killed_by.get("why", ""))}
+        result["killedBy"] = {"why": str(killed_by.get("why", "")), "at": killed_by.get("at")}
     if limited:
         result["outputLimitExceeded"] = True
     oom_kills = after.get("oomKills", 0) - before.get("oomKills", 0)
