@@ -281,7 +281,10 @@ class _Session:
                         continue
                     for event in decoder.feed(data):
                         if isinstance(event, Message) and event.type == "forgotten":
-                            self.forgotten = True
+                            # Only what was really removed counts; anything skipped goes to the janitor.
+                            self.forgotten = bool(event.fields.get("removed")) and not event.fields.get(
+                                "skipped"
+                            )
                             return
 
     def hard_deadline(self) -> float:

@@ -130,12 +130,18 @@ async def test_two_hundred_tasks_leave_no_zombie_and_no_directory(
         status = await tasks.wait_status(n, within=300)
         assert (status["phase"], status["output"]["stdout"]) == ("Succeeded", "hi\n"), (n, status)
 
-    async def clean() -> tuple[str, str] | None:
+    seen: list[tuple[str, str]] = []
+
+    async def clean() -> bool:
         zombies = await exec_python(tasks.namespace, "sleeper", ZOMBIES, api)
         left = await exec_python(tasks.namespace, "sleeper", LEFTOVERS, api)
-        return (zombies, left) if (zombies, left) == ("0\n", "0\n") else None
+        seen.append((zombies.strip(), left.strip()))
+        return seen[-1] == ("0", "0")
 
-    await eventually(clean, within=60, what="no zombie and no attempt directory left in the container")
+    try:
+        await eventually(clean, within=60, what="no zombie and no attempt directory left in the container")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; (zombies, entries left) last seen: {seen[-1]}") from None
 
 
 async def test_the_template_idle_program_reaps_as_pid_1(
