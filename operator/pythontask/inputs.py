@@ -26,9 +26,6 @@ class ResolvedInputs:
     env: dict[str, str]
     secret_values: frozenset[str]
 
-    def mask(self, text: str) -> str:
-        return mask(text, self.secret_values)
-
 
 def mask(text: str, values: frozenset[str]) -> str:
     """Every Secret value in `text` replaced by MASK (longest first, so no value leaks a part of another)."""

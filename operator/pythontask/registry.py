@@ -22,7 +22,16 @@ import structlog
 from . import status as st
 from .exec_client import ExecTarget
 from .kube import is_not_found
-from .runner import FINALIZER, Context, StopReason, TaskRunner, ensure_stopped, rerun_token, task_dir
+from .runner import (
+    FINALIZER,
+    Context,
+    StopReason,
+    TaskRunner,
+    ensure_stopped,
+    python_of,
+    rerun_token,
+    task_dir,
+)
 from .state_codec import record_from_status
 
 BACKOFF_INITIAL_SECONDS = 5.0
@@ -215,8 +224,7 @@ class Registry:
         )
         if pod and container:
             target = ExecTarget(body["metadata"]["namespace"], pod, container)
-            python = list((body.get("spec") or {}).get("python") or ["python3"])
-            self.ctx.janitor.forget_task(target, python, task_dir(self.ctx.settings, body))
+            self.ctx.janitor.forget_task(target, python_of(body), task_dir(self.ctx.settings, body))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

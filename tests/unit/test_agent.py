@@ -40,6 +40,7 @@ from pythontask.agent_protocol import (
     agent_command,
     encode_stdin,
 )
+from support import procs
 
 PYTHON = sys.executable
 T = TypeVar("T")
@@ -243,14 +244,6 @@ def reaped() -> Iterator[None]:
 
 def fate_of(d: Path) -> str:
     return (d / "fate").read_text()
-
-
-def process_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -701,7 +694,7 @@ def test_the_run_agent_outlives_its_stream_and_reaps_the_supervisor(state: Path,
     supervisor = int(fate_of(d).split()[1])
     release.touch()
     assert runner.proc.wait(30) == 0
-    assert process_state(supervisor) is None  # reaped, not a zombie
+    assert procs.state(supervisor) is None  # reaped, not a zombie
     follow = call({"op": "follow", "dir": str(d), "tail": 10}, ack=FORGET_ACK)
     assert follow.one("result")["result"]["exitCode"] == 5
     assert bytes(follow.stdout) == b"line 1999\n"
