@@ -55,6 +55,7 @@ KUBECTL = "$$(hack/build-cluster-binaries.sh | tail -n1)/kubectl"
 run: venv
 	@if [ -z "$$KUBECONFIG" ]; then $(MAKE) --no-print-directory cluster; export KUBECONFIG=$(LOCAL_KUBECONFIG); fi; \
 	  $(KUBECTL) apply --server-side -k crds/ && \
+	  $(KUBECTL) apply --server-side -f manifests/namespace.yaml && \
 	  $(KUBECTL) wait --for=condition=Established --timeout=60s crd/pythontasks.pythontask.dev && \
 	  echo "operator starting; in another shell: export KUBECONFIG=$$KUBECONFIG" && \
 	  exec $(PY) -m pythontask --all-namespaces

@@ -80,6 +80,7 @@ class Bench:
     # ---- plumbing ------------------------------------------------------------------------------
     async def setup(self) -> None:
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "crds"))
+        self.cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests/namespace.yaml"))  # leases
         self.cluster.kubectl("wait", "--for=condition=Established", "crd/pythontasks.pythontask.dev")
         self.configuration = client.Configuration()
         await config.load_kube_config(

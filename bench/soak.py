@@ -166,6 +166,7 @@ class Soak:
         if reason:
             raise SystemExit(f"soak needs the real node: {reason}")
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "crds"))
+        self.cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests/namespace.yaml"))  # leases
         self.cluster.kubectl("wait", "--for=condition=Established", "crd/pythontasks.pythontask.dev")
         configuration = client.Configuration()
         await config.load_kube_config(

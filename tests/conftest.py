@@ -82,6 +82,8 @@ async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> A
 def crds(cluster: local_cluster.Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(local_cluster.ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pythontasks.pythontask.dev")
+    # Where the operators' Leases live.
+    cluster.kubectl("apply", "--server-side", "-f", str(local_cluster.ROOT / "manifests/namespace.yaml"))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import kopf
 
 from . import handlers as _handlers  # noqa: F401  (registers the kopf handlers)
 from . import logs
+from .leadership import default_identity
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +27,24 @@ def main(argv: list[str] | None = None) -> None:
         help="e.g. http://0.0.0.0:8080/healthz",
     )
     parser.add_argument("--log-level", default=os.environ.get("PYTHONTASK_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="split tasks among replicas into this many shards, one Lease each (PYTHONTASK_SHARDS; 1)",
+    )
+    parser.add_argument(
+        "--identity", default=None, help="this process's lease identity (PYTHONTASK_IDENTITY; unique default)"
+    )
     args = parser.parse_args(argv)
-    logs.configure(args.log_level.upper())
+    if args.shards is not None:
+        if args.shards < 1:
+            parser.error(f"--shards must be at least 1, got {args.shards}")
+        os.environ["PYTHONTASK_SHARDS"] = str(args.shards)
+    # One identity for the whole process: the leases, the logs and the metrics say the same name.
+    identity = args.identity or os.environ.get("PYTHONTASK_IDENTITY") or default_identity()
+    os.environ["PYTHONTASK_IDENTITY"] = identity
+    logs.configure(args.log_level.upper(), replica=identity)
     asyncio.run(
         kopf.operator(
             standalone=True,

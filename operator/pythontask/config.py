@@ -26,6 +26,23 @@ class Settings:
     max_output_bytes: int = _setting(1024**3, "PYTHONTASK_MAX_OUTPUT_BYTES")
     #: Bound on every API request (watches have their own).
     request_timeout_seconds: float = _setting(30.0, "PYTHONTASK_REQUEST_TIMEOUT_SECONDS")
+    #: Tasks are split among replicas by a stable hash of namespace/uid into this many shards, one Lease
+    #: each; every replica of one operator must use the same number (`--shards`).
+    shards: int = _setting(1, "PYTHONTASK_SHARDS")
+    #: This process's name in the Leases; unique per process (default: hostname and a random tail).
+    identity: str = _setting("", "PYTHONTASK_IDENTITY")
+    #: Where the Leases live (default: the operator pod's namespace, else pythontask-system).
+    lease_namespace: str = _setting("", "PYTHONTASK_LEASE_NAMESPACE")
+    #: Lease name prefix: operators side by side (watching different namespaces) need different ones.
+    lease_name: str = _setting("pythontask", "PYTHONTASK_LEASE_NAME")
+    #: How long a lease stays taken without renewal before a standby may take it over.
+    lease_duration_seconds: float = _setting(15.0, "PYTHONTASK_LEASE_DURATION_SECONDS")
+    #: A leader that could not renew within this stops acting (shorter than the lease duration).
+    renew_deadline_seconds: float = _setting(10.0, "PYTHONTASK_RENEW_DEADLINE_SECONDS")
+    #: How often leases are renewed (standbys look twice as often).
+    retry_period_seconds: float = _setting(2.0, "PYTHONTASK_RETRY_PERIOD_SECONDS")
+    #: Prometheus metrics on this port (0: off).
+    metrics_port: int = _setting(0, "PYTHONTASK_METRICS_PORT")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from . import exec_wire as wire
+from . import fencing
 
 STDIN_CHUNK = 256 * 1024
 
@@ -101,7 +102,9 @@ async def open_exec(
     stdin: bool = True,
     connect_timeout: float = 30.0,
 ) -> AsyncIterator[ExecStream]:
-    """Opens an exec websocket through kubernetes_asyncio's session (its TLS and credentials)."""
+    """Opens an exec websocket through kubernetes_asyncio's session (its TLS and credentials). Fenced:
+    an exec starts, kills or follows scripts, so only the leader of the task's shard opens one."""
+    fencing.check()
     configuration = api_client.configuration
     session: aiohttp.ClientSession = api_client.rest_client.pool_manager
     url = configuration.host.rstrip("/") + exec_path(target, command, stdin=stdin)

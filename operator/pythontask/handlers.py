@@ -1,14 +1,19 @@
 """kopf wiring, kept thin: watch events go to the registry; kopf keeps no state on our objects
-(no annotations, no finalizers, no Events of its own), so every API write is one we chose."""
+(no annotations, no finalizers, no Events of its own), so every API write is one we chose. Every
+replica watches every task (a warm cache); the shard leases decide which replica acts on which."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import kopf
 
+from . import fencing, metrics
 from .config import Settings
 from .kube import make_api_client
+from .leadership import KubeLeases, Leadership, default_identity, lease_namespace
+from .leases import Timing
 from .registry import Registry
 from .runner import Context
 from .spec import GROUP, PLURAL, VERSION
@@ -33,12 +38,36 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         connections=operator_settings.max_attempts_in_flight + 128,
         request_timeout=operator_settings.request_timeout_seconds,
     )
-    memo["registry"] = Registry(Context.create(api, operator_settings))
+    identity = operator_settings.identity or default_identity()
+    timing = Timing(
+        operator_settings.lease_duration_seconds,
+        operator_settings.renew_deadline_seconds,
+        operator_settings.retry_period_seconds,
+    )
+    leases = KubeLeases(
+        api, operator_settings.lease_namespace or lease_namespace(), operator_settings.lease_name, timing
+    )
+    fencing.strict(True)  # from here on, a write made for no shard is a bug, refused
+    leadership = Leadership(
+        leases,
+        identity=identity,
+        shards=operator_settings.shards,
+        prefix=operator_settings.lease_name,
+        timing=timing,
+    )
+    registry = Registry(Context.create(api, operator_settings), leadership)
+    leadership.on_acquired, leadership.on_lost = registry.shard_acquired, registry.shard_lost
+    metrics.serve(operator_settings.metrics_port, identity, operator_settings.shards)
+    memo["registry"], memo["leadership"] = registry, leadership
+    memo["elector"] = asyncio.get_running_loop().create_task(leadership.run(), name="leader-election")
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     registry: Registry = memo["registry"]
+    leadership: Leadership = memo["leadership"]
+    memo["elector"].cancel()
+    await leadership.close()  # stops each shard's work, then releases its lease for a standby
     await registry.close()
     await registry.ctx.pod_cache.close()
     await registry.ctx.janitor.close()

@@ -15,6 +15,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client
 
+from . import fencing
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError
 from .exec_client import ExecError, ExecTarget
@@ -52,6 +53,11 @@ class Janitor:
             await self.flush()
 
     async def flush(self) -> None:
+        # Any replica may remove what status holds already: the janitor works for no shard in particular.
+        with fencing.unfenced():
+            await self._flush()
+
+    async def _flush(self) -> None:
         batches, self._pending = self._pending, defaultdict(lambda: {"dirs": [], "tasks": []})
         for (namespace, pod, container, python), paths in batches.items():
             dirs, tasks = paths["dirs"], paths["tasks"]

@@ -13,6 +13,7 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from . import fencing
 from .spec import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -36,13 +37,19 @@ async def make_api_client(
     return api
 
 
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def bound_requests(api: client.ApiClient, seconds: float) -> None:
-    """Every request without its own `_request_timeout` gets `seconds` in total."""
+    """Every request without its own `_request_timeout` gets `seconds` in total; every write is fenced
+    (fencing.py): refused before it is sent if this replica no longer leads its shard."""
     rest = api.rest_client
     unbounded: Any = rest.request
 
-    async def request(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
-        return await unbounded(*args, _request_timeout=_request_timeout or seconds, **kwargs)
+    async def request(method: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        if method.upper() in WRITES:
+            fencing.check()
+        return await unbounded(method, *args, _request_timeout=_request_timeout or seconds, **kwargs)
 
     rest.request = request  # type: ignore[method-assign]
 

@@ -8,9 +8,17 @@ import sys
 import structlog
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", replica: str = "") -> None:
+    """`replica`: this process's lease identity, on every line (several replicas log side by side)."""
+
+    def add_replica(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+        if replica:
+            event.setdefault("replica", replica)
+        return event
+
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_replica,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -6,6 +6,11 @@ changes nothing. Deletion stops the runner, which kills the script, and only the
 released. Every failure (a runner that raised, a finalization that could not finish) is tried again
 with exponential backoff, until it succeeds or the task reaches a final status.
 
+With several replicas, a task belongs to one shard (leases.shard_of) and only the replica leading that
+shard runs it; the others keep its latest body parked, ready for the moment they take the shard over. Work
+for a shard runs behind that shard's fence (fencing.py), and losing the shard stops it as an operator
+exit would: scripts keep running, to be followed by the next leader.
+
 Why not kopf daemons: a daemon per object would tie a script's life to kopf's view of the object, and
 kopf stops daemons on filter mismatch or deletion by cancelling them; here the stop reason decides
 whether a script is killed (deleted, spec changed) or left running to be followed (operator exiting).
@@ -14,14 +19,17 @@ whether a script is killed (deleted, spec changed) or left running to be followe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from . import fencing
 from . import status as st
 from .exec_client import ExecTarget
 from .kube import is_not_found
+from .leases import shard_of
 from .runner import (
     FINALIZER,
     Context,
@@ -36,13 +44,38 @@ from .state_codec import record_from_status
 
 BACKOFF_INITIAL_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
+# A shard that is handed back waits this long for its runners to stop; its fence is closed already.
+STOP_WAIT_SECONDS = 10.0
 log = structlog.get_logger(__name__)
+
+
+class Ownership(Protocol):
+    """Which shards this replica leads (leadership.Leadership), and the fence for each."""
+
+    shards: int
+
+    def leads(self, shard: int) -> bool: ...
+
+    def fence(self, shard: int) -> fencing.Fence: ...
+
+
+class Alone:
+    """A single replica that leads everything (unit tests, tools)."""
+
+    shards = 1
+
+    def leads(self, shard: int) -> bool:
+        return True
+
+    def fence(self, shard: int) -> fencing.Fence:
+        return fencing.UNFENCED
 
 
 @dataclass
 class Running:
     generation: int
     token: str
+    shard: int
     runner: TaskRunner
     task: asyncio.Task[None]
     previous: Running | None = None  # the runner it replaces: it settles its attempt before this one runs
@@ -56,28 +89,50 @@ def _disposable_pod(body: dict[str, Any]) -> bool:
     return bool(target.get("template")) and not target.get("keepPod")
 
 
+def _needs_work(body: dict[str, Any]) -> bool:
+    """Whether a leader would have anything to do for this task (a finished one at rest: nothing)."""
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp") or FINALIZER in (meta.get("finalizers") or []):
+        return True
+    return not st.is_done_for(body.get("status") or {}, *_key(body)) or _disposable_pod(body)
+
+
 def _key(body: dict[str, Any]) -> tuple[int, str]:
     return body["metadata"].get("generation", 1), rerun_token(body)
 
 
 class Registry:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, ownership: Ownership | None = None) -> None:
         self.ctx = ctx
+        self.ownership: Ownership = ownership or Alone()
         self.running: dict[str, Running] = {}
+        # Tasks of shards another replica leads, as last seen: taken up if this replica takes the shard.
+        self.parked: dict[str, dict[str, Any]] = {}
         # (generation, rerun token) whose final status we wrote: a stale event must not restart them.
         self.completed: dict[str, tuple[int, str]] = {}
         self.failures: dict[str, int] = {}  # consecutive failures per task, for backoff
         self._finalizing: set[str] = set()
         self._deleted: set[str] = set()  # deleted tasks whose runner is still stopping
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: dict[asyncio.Task[Any], int] = {}  # -> the shard it works for
 
     def backoff(self, uid: str) -> float:
         failures = self.failures.get(uid, 0)
         return float(min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** max(0, failures - 1)))
 
+    def shard(self, body: dict[str, Any]) -> int:
+        meta = body["metadata"]
+        return shard_of(meta["namespace"], meta["uid"], self.ownership.shards)
+
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         uid = meta["uid"]
+        if not self.ownership.leads(self.shard(body)):
+            if event_type != "DELETED" and _needs_work(body):
+                self.parked[uid] = body
+            else:
+                self.parked.pop(uid, None)
+            return
+        self.parked.pop(uid, None)
         if event_type == "DELETED":
             self.completed.pop(uid, None)
             self.failures.pop(uid, None)
@@ -89,7 +144,7 @@ class Registry:
         if meta.get("deletionTimestamp"):
             if FINALIZER in (meta.get("finalizers") or []) and uid not in self._finalizing:
                 self._finalizing.add(uid)
-                self._spawn(self._finalize(body))
+                self._spawn(self._finalize(body), body)
             return
         key = _key(body)
         running = self.running.get(uid)
@@ -100,13 +155,13 @@ class Registry:
             if uid not in self.completed and _disposable_pod(body):
                 # First sight since start: an operator stopped between the final status and the pod's
                 # deletion left the template pod behind.
-                self._spawn(self.ctx.pods.delete_template_pods(body))
+                self._spawn(self.ctx.pods.delete_template_pods(body), body)
             self.completed[uid] = key
             # A finalizer left on a finished task (an operator stopped between its last two writes) is
             # released here; one whose runner finished in this process was released by it already,
             # whatever this (possibly older) event still shows.
             if FINALIZER in (meta.get("finalizers") or []) and uid not in self.running and not finished_here:
-                self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False))
+                self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False), body)
             return
         if running and (running.generation, running.token) == key:
             return
@@ -121,14 +176,16 @@ class Registry:
         uid = body["metadata"]["uid"]
         generation, token = _key(body)
         runner = TaskRunner(self.ctx, body)
+        shard = self.shard(body)
 
         async def run() -> None:
-            if previous is not None:
-                await asyncio.wait([previous.task])  # its stop kills (and confirms) the old attempt first
-            await runner.run()
+            with fencing.on_behalf_of(self.ownership.fence(shard)):
+                if previous is not None:
+                    await asyncio.wait([previous.task])  # its stop kills (and confirms) the old attempt first
+                await runner.run()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
-        self.running[uid] = Running(generation, token, runner, task, previous)
+        self.running[uid] = Running(generation, token, shard, runner, task, previous)
         task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t, runner))
 
     def _runner_done(
@@ -151,6 +208,9 @@ class Registry:
         error = None if task.cancelled() else task.exception()
         if task.cancelled():
             error = asyncio.CancelledError("the runner was cancelled without a stop reason")
+        if isinstance(error, fencing.LeaseLost):
+            self.parked[uid] = runner.body  # its shard is led elsewhere now
+            return
         if error is None:
             self.completed[uid] = key
             self.failures.pop(uid, None)
@@ -165,10 +225,11 @@ class Registry:
             error=f"{type(error).__name__}: {error}",
             retry_in=delay,
         )
-        self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay))
+        self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay), body)
 
     async def _look_again(self, namespace: str, name: str, uid: str, delay: float) -> None:
         await asyncio.sleep(delay)
+        body = {"metadata": {"namespace": namespace, "name": name, "uid": uid}}
         try:
             body = await self.ctx.tasks.get(namespace, name)
         except Exception as e:
@@ -176,7 +237,7 @@ class Registry:
                 return
             self.failures[uid] = self.failures.get(uid, 0) + 1
             log.error("cannot read task", task=name, namespace=namespace, error=str(e))
-            self._spawn(self._look_again(namespace, name, uid, self.backoff(uid)))
+            self._spawn(self._look_again(namespace, name, uid, self.backoff(uid)), body)
             return
         if body["metadata"]["uid"] == uid and uid not in self.running:
             self.observe("MODIFIED", body)
@@ -210,7 +271,7 @@ class Registry:
             self.failures[uid] = self.failures.get(uid, 0) + 1
             delay = self.backoff(uid)
             log.error("finalizing failed; will try again", task=meta["name"], error=str(e), retry_in=delay)
-            self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay))
+            self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay), body)
         finally:
             self._finalizing.discard(uid)
 
@@ -226,10 +287,40 @@ class Registry:
             target = ExecTarget(body["metadata"]["namespace"], pod, container)
             self.ctx.janitor.forget_task(target, python_of(body), task_dir(self.ctx.settings, body))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any], body: dict[str, Any]) -> None:
+        """Background work for one task, behind its shard's fence."""
+        shard = self.shard(body)
+
+        async def fenced() -> None:
+            with fencing.on_behalf_of(self.ownership.fence(shard)):
+                await coro
+
+        task = asyncio.get_running_loop().create_task(fenced())
+        self._background[task] = shard
+        task.add_done_callback(lambda t: self._background.pop(t, None))
+
+    async def shard_acquired(self, shard: int) -> None:
+        """This replica leads the shard now: its tasks are read afresh (the last leader may have written
+        since our watch saw them) and taken up."""
+        for uid, body in list(self.parked.items()):
+            if self.shard(body) == shard:
+                meta = body["metadata"]
+                self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
+
+    async def shard_lost(self, shard: int) -> None:
+        """Another replica leads the shard (or will): its runners stop as on operator exit, their
+        scripts left running for the next leader to follow; its tasks are parked."""
+        stopping = [r for r in self.running.values() if r.shard == shard]
+        for running in stopping:
+            self.parked[running.runner.body["metadata"]["uid"]] = running.runner.body
+            running.stop(StopReason.SHUTDOWN)
+        for task, of in list(self._background.items()):
+            if of == shard:
+                task.cancel()
+        tasks = [r.task for r in stopping]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
+        log.info("shard's tasks handed over", shard=shard, runners=len(stopping))
 
     async def close(self) -> None:
         """Operator shutdown: stop following, but leave the scripts running (followed after restart)."""

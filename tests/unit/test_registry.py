@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from pythontask import fencing
 from pythontask import registry as registry_module
+from pythontask.leases import shard_of
 from pythontask.registry import BACKOFF_MAX_SECONDS, Registry
 from pythontask.runner import FINALIZER
 from support.waiting import eventually
@@ -111,3 +113,91 @@ async def test_a_runner_replaced_by_a_spec_edit_is_not_a_failure() -> None:
     registry._runner_done("u1", body, (1, ""), cancelled, runner)  # type: ignore[arg-type]
     assert registry.failures == {}
     assert not registry._background  # no "look again" for an intended stop
+
+
+class Shards:
+    """Two shards; this replica leads the ones in `led`."""
+
+    shards = 2
+
+    def __init__(self, led: set[int]) -> None:
+        self.led = led
+
+    def leads(self, shard: int) -> bool:
+        return shard in self.led
+
+    def fence(self, shard: int) -> Any:
+        return fencing.Fence(f"shard {shard}", lambda: shard in self.led)
+
+
+def task_in_shard(shard: int, uid: str) -> dict[str, Any]:
+    for i in range(1000):
+        if shard_of("ns", f"{uid}-{i}", 2) == shard:
+            return {
+                "metadata": {
+                    "uid": f"{uid}-{i}",
+                    "name": uid,
+                    "namespace": "ns",
+                    "generation": 1,
+                    "finalizers": [],
+                },
+                "spec": {},
+                "status": {},
+            }
+    raise AssertionError("no uid found")
+
+
+def test_a_task_of_a_shard_led_elsewhere_is_parked_not_run() -> None:
+    registry = Recording()
+    registry.ownership = Shards({0})
+    mine, theirs = task_in_shard(0, "mine"), task_in_shard(1, "theirs")
+    registry.observe("ADDED", mine)
+    registry.observe("ADDED", theirs)
+    assert registry.started == [(1, "new")]
+    assert list(registry.parked) == [theirs["metadata"]["uid"]]
+    registry.observe("DELETED", theirs)
+    assert registry.parked == {}
+
+
+async def test_taking_a_shard_over_reads_its_tasks_afresh_and_runs_them() -> None:
+    shards = Shards(set())
+    theirs = task_in_shard(1, "theirs")
+    registry = Recording()
+    registry.ownership = shards
+    registry.ctx = SimpleNamespace(tasks=FlakyTasks(theirs))  # type: ignore[assignment]
+    registry.ctx.tasks.calls = 1  # its get works at once
+    registry.observe("ADDED", theirs)
+    assert registry.started == []
+    shards.led.add(1)
+    await registry.shard_acquired(1)
+
+    async def started() -> bool:
+        return registry.started == [(1, "new")]
+
+    await eventually(started, within=5, what="the parked task started")
+
+
+async def test_losing_a_shard_stops_its_runners_as_an_exit_would_and_parks_their_tasks() -> None:
+    registry = Recording()
+    registry.ownership = Shards({0, 1})
+    mine, moving = task_in_shard(0, "mine"), task_in_shard(1, "moving")
+    registry.observe("ADDED", mine)
+    registry.observe("ADDED", moving)
+    for uid, body in ((mine["metadata"]["uid"], mine), (moving["metadata"]["uid"], moving)):
+        stub = registry.running[uid]
+        stub.shard, stub.runner = registry.shard(body), SimpleNamespace(body=body)  # type: ignore[attr-defined]
+        stub.task = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+        stub.task.set_result(None)  # type: ignore[attr-defined]
+    await registry.shard_lost(1)
+    assert registry.running[moving["metadata"]["uid"]].stopped == "OperatorExiting"  # type: ignore[attr-defined]
+    assert registry.running[mine["metadata"]["uid"]].stopped == ""  # type: ignore[attr-defined]
+    assert list(registry.parked) == [moving["metadata"]["uid"]]
+
+
+def test_a_finished_task_at_rest_is_not_parked() -> None:
+    registry = Recording()
+    registry.ownership = Shards(set())
+    done = task_in_shard(1, "done")
+    done["status"] = {"phase": "Succeeded", "observedGeneration": 1, "rerunToken": ""}
+    registry.observe("ADDED", done)
+    assert registry.parked == {}  # nothing to take over: no read for it when the shard moves here

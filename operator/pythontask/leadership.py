@@ -1,0 +1,408 @@
+"""Leader election per shard on coordination.k8s.io/v1 Leases: the loop that takes, renews and hands back
+shard leases (the rules are in leases.py), and tells the registry when a shard is won or lost.
+
+Fencing starts here: `leads(shard)` is true only until the send time of the last successful renewal
+plus the renew deadline, on the monotonic clock. Every write made for a shard checks it first
+(fencing.py), so a replica that was paused or partitioned stops writing by its own clock, before the
+lease can have passed to anyone else; resourceVersion preconditions catch the rest (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+import structlog
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from . import fencing, metrics
+from .kube import is_conflict, is_not_found
+from .leases import (
+    LeaseRecord,
+    Observations,
+    Timing,
+    member_lease_name,
+    plan,
+    shard_lease_name,
+)
+
+log = structlog.get_logger(__name__)
+ROLE_LABEL = "pythontask.dev/lease-role"
+GROUP_LABEL = "pythontask.dev/lease-group"
+SHARDS_LABEL = "pythontask.dev/shards"
+SHARD_LABEL = "pythontask.dev/shard"
+
+
+def default_identity() -> str:
+    """Unique per process, readable in `kubectl get leases`: the host (the pod's name) and a random tail."""
+    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+
+
+class Conflict(Exception):
+    """The lease changed since it was read (or already exists): someone else wrote it."""
+
+
+class LeaseStore(Protocol):
+    async def list(self) -> list[LeaseRecord]: ...
+
+    async def write(
+        self, name: str, labels: dict[str, str], holder: str, transitions: int, previous: LeaseRecord | None
+    ) -> LeaseRecord: ...
+
+    async def delete(self, record: LeaseRecord) -> None: ...
+
+
+@dataclass
+class Held:
+    record: LeaseRecord
+    sent_at: float  # when the request that last renewed it was sent (monotonic)
+
+
+class Leadership:
+    """This replica's part in the election: its member lease, and the shard leases it leads."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        identity: str,
+        shards: int,
+        prefix: str = "pythontask",
+        timing: Timing | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_acquired: Callable[[int], Awaitable[None]] | None = None,
+        on_lost: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, got {shards}")
+        self.store = store
+        self.identity = identity
+        self.shards = shards
+        self.prefix = prefix
+        self.timing = timing or Timing()
+        self.clock = clock
+        self.on_acquired = on_acquired
+        self.on_lost = on_lost
+        self.held: dict[int, Held] = {}
+        self.member: Held | None = None
+        self.observed = Observations()
+        self.records: dict[str, LeaseRecord] = {}
+        self._start = int.from_bytes(identity.encode()[-4:].rjust(4, b"\0"), "big") % shards
+        self._closing = False
+        self._waiting_for_others = False
+
+    # -- what the rest of the operator asks ---------------------------------------------------------
+
+    def leads(self, shard: int) -> bool:
+        held = self.held.get(shard)
+        return held is not None and self.clock() < held.sent_at + self.timing.renew_deadline
+
+    def fence(self, shard: int) -> fencing.Fence:
+        return fencing.Fence(f"shard {shard}", lambda: self.leads(shard))
+
+    def leading(self) -> list[int]:
+        return sorted(s for s in self.held if self.leads(s))
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with fencing.unfenced():  # lease writes are fenced by their own resourceVersion
+            while not self._closing:
+                try:
+                    await self.tick()
+                except Exception as e:  # the apiserver may be away: try again next round
+                    log.warning("lease round failed", error=f"{type(e).__name__}: {e}")
+                await self._sleep()
+
+    async def _sleep(self) -> None:
+        # Standbys look twice per retry period, so a dead leader is noticed within a lease duration plus
+        # half a retry period of its last renewal; renewals are due once per retry period.
+        await asyncio.sleep(self.timing.retry_period / 2)
+
+    async def tick(self) -> None:
+        records = await self.store.list()
+        now = self.clock()
+        self.records = {r.name: r for r in records}
+        for record in records:
+            self.observed.see(record, now)
+        await self._keep_membership()
+        await self._renew_or_lose()
+        if self._closing:
+            return
+        await self._collect_dead_members()
+        members = self._live_members()
+        if self._other_shard_count_leads():
+            return
+        free = {s for s in range(self.shards) if self._free(s)}
+        step = plan(self.shards, set(self.held), free, members, self._start)
+        for shard in step.release:
+            await self._hand_back(shard, why="above the fair share")
+        for shard in step.acquire:
+            await self._acquire(shard)
+
+    async def close(self) -> None:
+        """Operator exiting: stop work on every shard, then release the leases so a standby need not
+        wait for them to expire."""
+        self._closing = True
+        with fencing.unfenced():
+            for shard in list(self.held):
+                await self._hand_back(shard, why="operator exiting")
+            if self.member is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.delete(self.member.record)
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _labels(self, role: str, shard: int | None = None) -> dict[str, str]:
+        labels = {ROLE_LABEL: role, GROUP_LABEL: self.prefix, SHARDS_LABEL: str(self.shards)}
+        if shard is not None:
+            labels[SHARD_LABEL] = str(shard)
+        return labels
+
+    async def _keep_membership(self) -> None:
+        name = member_lease_name(self.prefix, self.identity)
+        due = self.member is None or self.clock() - self.member.sent_at >= self.timing.retry_period
+        if not due:
+            return
+        sent = self.clock()
+        current = self.records.get(name)
+        try:
+            record = await self.store.write(name, self._labels("member"), self.identity, 0, current)
+        except Conflict:
+            return  # read again next round
+        self.member = Held(record, sent)
+
+    async def _renew_or_lose(self) -> None:
+        for shard, held in list(self.held.items()):
+            seen = self.records.get(held.record.name)
+            if seen is not None and seen.holder != self.identity:
+                await self._lost(shard, f"{seen.holder or 'nobody'} holds it now")
+                continue
+            if self.clock() - held.sent_at >= self.timing.retry_period:
+                sent = self.clock()
+                try:
+                    record = await self.store.write(
+                        held.record.name,
+                        self._labels("shard", shard),
+                        self.identity,
+                        held.record.transitions,
+                        held.record,
+                    )
+                except Conflict:
+                    await self._lost(shard, "the lease changed under this replica")
+                    continue
+                except Exception as e:
+                    log.warning("lease renewal failed", shard=shard, error=f"{type(e).__name__}: {e}")
+                else:
+                    self.held[shard] = Held(record, sent)
+            if not self.leads(shard):
+                await self._lost(shard, "not renewed within the renew deadline")
+
+    def _free(self, shard: int) -> bool:
+        record = self.records.get(shard_lease_name(self.prefix, shard, self.shards))
+        if record is None or record.holder == self.identity:
+            return True
+        return self.observed.expired(record, self.clock())
+
+    def _live_members(self) -> int:
+        now = self.clock()
+        live = {
+            r.holder
+            for r in self.records.values()
+            if r.role == "member"
+            and r.shards == self.shards  # replicas of another shard count share nothing with this one
+            and r.holder
+            and not self.observed.expired(r, now)
+            and not r.stale
+        }
+        return len(live | {self.identity})
+
+    def _other_shard_count_leads(self) -> bool:
+        """Replicas configured with another shard count (a rollout changing it) must be gone first: two
+        partitions of the same tasks would give one task two leaders."""
+        now = self.clock()
+        for r in self.records.values():
+            if r.role == "shard" and r.shards != self.shards and not self.observed.expired(r, now):
+                if not self._waiting_for_others:
+                    log.warning(
+                        "waiting for the replicas with another shard count to go",
+                        lease=r.name,
+                        holder=r.holder,
+                    )
+                self._waiting_for_others = True
+                return True
+        self._waiting_for_others = False
+        return False
+
+    async def _collect_dead_members(self) -> None:
+        now = self.clock()
+        for r in list(self.records.values()):
+            if r.role != "member" or r.holder == self.identity:
+                continue
+            _, since = self.observed.seen.get(r.name, ("", now))
+            if now - since >= 4 * r.duration:  # long dead: no member lease left behind for ever
+                with contextlib.suppress(Conflict, ApiException):
+                    await self.store.delete(r)
+                self.observed.forget(r.name)
+
+    async def _acquire(self, shard: int) -> None:
+        name = shard_lease_name(self.prefix, shard, self.shards)
+        current = self.records.get(name)
+        transitions = (current.transitions + (current.holder != self.identity)) if current else 0
+        sent = self.clock()
+        try:
+            record = await self.store.write(
+                name, self._labels("shard", shard), self.identity, transitions, current
+            )
+        except Conflict:
+            return  # another replica was faster
+        self.held[shard] = Held(record, sent)
+        metrics.shard_changed(shard, "acquired", leading=True)
+        log.info(
+            "shard acquired: leading it",
+            shard=shard,
+            shards=self.shards,
+            identity=self.identity,
+            lease=name,
+            transitions=transitions,
+            previous_holder=current.holder if current else None,
+        )
+        if self.on_acquired is not None:
+            await self.on_acquired(shard)
+
+    async def _lost(self, shard: int, why: str) -> None:
+        self.held.pop(shard, None)
+        metrics.shard_changed(shard, "lost", leading=False)
+        log.warning("shard lost: stepping down", shard=shard, identity=self.identity, why=why)
+        if self.on_lost is not None:
+            await self.on_lost(shard)
+
+    async def _hand_back(self, shard: int, *, why: str) -> None:
+        """Work on the shard stops first; only then is the lease released (holder cleared), so the next
+        leader starts after the last request made here for that shard."""
+        held = self.held.pop(shard, None)  # the fence closes here, before anything else
+        if held is None:
+            return
+        metrics.shard_changed(shard, "released", leading=False)
+        if self.on_lost is not None:
+            await self.on_lost(shard)
+        with contextlib.suppress(Conflict, ApiException):
+            await self.store.write(
+                held.record.name, self._labels("shard", shard), "", held.record.transitions, held.record
+            )
+        log.info("shard released", shard=shard, identity=self.identity, why=why)
+
+
+# -- the Kubernetes edge ------------------------------------------------------------------------------
+
+
+def _micro_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KubeLeases:
+    """Lease reads and writes in one namespace; every write carries the resourceVersion it replaces."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, prefix: str, timing: Timing) -> None:
+        self._coordination = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.prefix = prefix
+        self.timing = timing
+        # A lease request must not outlast the renew deadline it serves.
+        self._timeout = timing.retry_period
+
+    async def list(self) -> list[LeaseRecord]:
+        leases = await self._coordination.list_namespaced_lease(
+            self.namespace, label_selector=f"{GROUP_LABEL}={self.prefix}", _request_timeout=self._timeout
+        )
+        now = datetime.now(UTC)
+        return [_record(lease, now) for lease in leases.items]
+
+    async def write(
+        self, name: str, labels: dict[str, str], holder: str, transitions: int, previous: LeaseRecord | None
+    ) -> LeaseRecord:
+        now = _micro_time(datetime.now(UTC))
+        spec: dict[str, Any] = {
+            "holderIdentity": holder or None,
+            "leaseDurationSeconds": math.ceil(self.timing.lease_duration) if holder else 1,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+        if previous is None or previous.holder != holder:
+            spec["acquireTime"] = now
+        body: Any = {"metadata": {"name": name, "labels": labels}, "spec": spec}
+        try:
+            if previous is None:
+                lease = await self._coordination.create_namespaced_lease(
+                    self.namespace, body, _request_timeout=self._timeout
+                )
+            else:
+                body["metadata"]["resourceVersion"] = previous.resource_version
+                if "acquireTime" not in spec and previous.acquire_time:
+                    spec["acquireTime"] = previous.acquire_time
+                lease = await self._coordination.replace_namespaced_lease(
+                    name, self.namespace, body, _request_timeout=self._timeout
+                )
+        except ApiException as e:
+            if is_conflict(e) or (previous is not None and is_not_found(e)):
+                raise Conflict(name) from e
+            if is_not_found(e):
+                raise RuntimeError(
+                    f"cannot create Lease {name} in namespace {self.namespace!r} (not found): create the "
+                    "namespace or set PYTHONTASK_LEASE_NAMESPACE"
+                ) from e
+            raise
+        return _record(lease, datetime.now(UTC))
+
+    async def delete(self, record: LeaseRecord) -> None:
+        try:
+            await self._coordination.delete_namespaced_lease(
+                record.name,
+                self.namespace,
+                body=cast(Any, {"preconditions": {"resourceVersion": record.resource_version}}),
+                _request_timeout=self._timeout,
+            )
+        except ApiException as e:
+            if is_conflict(e):
+                raise Conflict(record.name) from e
+            if not is_not_found(e):
+                raise
+
+
+def _record(lease: Any, now: datetime) -> LeaseRecord:
+    spec, meta = lease.spec, lease.metadata
+    labels = meta.labels or {}
+    renewed = spec.renew_time
+    age = (now - renewed).total_seconds() if renewed is not None else None
+    duration = float(spec.lease_duration_seconds or 15)
+    return LeaseRecord(
+        name=meta.name,
+        holder=spec.holder_identity or "",
+        resource_version=meta.resource_version,
+        transitions=spec.lease_transitions or 0,
+        duration=duration,
+        role=labels.get(ROLE_LABEL, ""),
+        shards=int(labels.get(SHARDS_LABEL, "0") or 0),
+        # Only for counting members (never for taking a lease): renewed long ago by a wall clock.
+        stale=age is not None and age > 2 * duration,
+        acquire_time=_micro_time(spec.acquire_time) if spec.acquire_time else None,
+    )
+
+
+def lease_namespace() -> str:
+    """In a pod: its own namespace. Elsewhere: pythontask-system."""
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    return "pythontask-system"
