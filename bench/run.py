@@ -8,6 +8,7 @@ Sections (sizes shrink with --quick):
   4. API cost                apiserver_request_total deltas per successful task (from the apiserver)
   5. scale at rest           N completed tasks present: operator RSS, time to idle, none re-run
   6. concurrency             N tasks sleeping 30s in flight at once
+  7. shards                  the throughput burst with 1, 2 and 3 replicas (as many shards), interleaved
 Every comparison is interleaved (A B A B ...) within one run. Results: bench/results/<stamp>.json.
 """
 
@@ -308,6 +309,83 @@ class Bench:
             [sys.executable, "-u", "-c", "pass"], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
         return time.perf_counter() - began
+
+    # ---- 7. scale-out by shards --------------------------------------------------------------------
+    async def shards(self) -> None:
+        """The same burst with 1, 2 and 3 replicas, each leading one shard; rounds interleaved (1 2 3 1 2
+        3), the bare-exec ceiling measured before each repeat."""
+        n = 60 if self.quick else 200
+        repeats = 1 if self.quick else 2
+        self.stop_operator()
+        rates: dict[int, list[float]] = {1: [], 2: [], 3: []}
+        ceilings: list[float] = []
+        for repeat in range(repeats):
+            ceilings.append(await self.raw_exec_rate(n))
+            for count in (1, 2, 3):
+                rate = await self._sharded_burst(count, n, f"r{repeat}s{count}")
+                rates[count].append(rate)
+                log(f"shards: {count} replica(s): {rate:.1f} tasks/s")
+        ceiling = statistics.median(ceilings)
+        self.results["shards"] = {
+            "tasks_per_round": n,
+            "raw_exec_per_s_same_pods": ceiling,
+            "rounds": {str(k): v for k, v in rates.items()},
+            "tasks_per_s": {str(k): statistics.median(v) for k, v in rates.items()},
+        }
+
+    async def _sharded_burst(self, count: int, n: int, tag: str) -> float:
+        group = [
+            OperatorProcess(
+                self.cluster,
+                ROOT / ".local/logs/bench",
+                {
+                    "PYTHONTASK_MAX_IN_FLIGHT": "1500",
+                    "PYTHONTASK_LOG_LEVEL": "WARNING",
+                    "PYTHONTASK_SHARDS": str(count),
+                },
+                identity=f"bench-{tag}-{i}",
+            )
+            for i in range(count)
+        ]
+        coordination = client.CoordinationV1Api(self.api)
+        try:
+            for process in group:
+                process.start()
+
+            async def one_shard_each() -> bool:
+                leases = await coordination.list_namespaced_lease(
+                    "pythontask-system", label_selector=f"pythontask.dev/shards={count}"
+                )
+                holders = [
+                    lease.spec.holder_identity
+                    for lease in leases.items
+                    if lease.metadata.labels.get("pythontask.dev/lease-role") == "shard"
+                ]
+                return len(set(filter(None, holders))) == count and len(holders) == count
+
+            await self._until(one_shard_each, 120)
+            names = {f"{tag}-{i}" for i in range(n)}
+            self.phases = {}
+            done: dict[str, float] = {}
+            watcher = asyncio.create_task(self.watch_tasks(names, done, asyncio.Event()))
+            began = time.monotonic()
+            limiter = asyncio.Semaphore(64)
+
+            async def create(name: str) -> None:
+                async with limiter:
+                    spec = {
+                        "target": {"selector": {"matchLabels": {"app": "workers"}}},
+                        "script": {"inline": "pass"},
+                    }
+                    await self.create_task(name, spec)
+
+            await asyncio.gather(*(create(name) for name in sorted(names)))
+            await asyncio.wait_for(watcher, 900)
+            return n / (time.monotonic() - began)
+        finally:
+            for process in group:
+                process.stop()
+            await self.delete_tasks()
 
     # ---- 3 + 4. throughput and API cost ----------------------------------------------------------------
     async def raw_exec_rate(self, n: int) -> float:
@@ -722,6 +800,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"peak RSS {conc['operator_peak_rss_mib']:.0f} MiB, "
             f"CPU {conc['operator_cpu_seconds']:.1f} s"
         )
+    sh = results.get("shards")
+    if sh:
+        lines += [
+            f"\n**Scale-out by shards** ({sh['tasks_per_round']} trivial tasks per round, rounds interleaved; "
+            f"bare-exec ceiling {sh['raw_exec_per_s_same_pods']:.1f} execs/s)",
+            "",
+            "| replicas = shards | tasks/s (median) | rounds | vs ceiling |",
+            "|---|---|---|---|",
+        ]
+        for k, rate in sh["tasks_per_s"].items():
+            rounds = ", ".join(f"{r:.1f}" for r in sh["rounds"][k])
+            lines.append(f"| {k} | {rate:.1f} | {rounds} | {rate / sh['raw_exec_per_s_same_pods']:.2f}x |")
     real = results.get("real_node")
     if real and "skipped" in real:
         lines.append(f"\n**Real node**: not measured ({real['skipped']})")
@@ -750,7 +840,7 @@ async def main() -> None:
     bench = Bench(args.quick)
     await bench.setup()
     bench.results["machine"] = bench.machine()
-    sections = ["exec_clients", "overhead", "throughput", "at_rest", "concurrency", "real_node"]
+    sections = ["exec_clients", "overhead", "throughput", "at_rest", "concurrency", "shards", "real_node"]
     for section in args.only or sections:
         log(f"section {section}")
         try:

@@ -29,7 +29,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import attempt_fate, exec_wire, machine
+from . import attempt_fate, exec_wire, fencing, machine
 from . import status as st
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError, Message
@@ -157,7 +157,8 @@ class TaskRunner:
     async def run(self) -> None:
         try:
             await self._run()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, fencing.LeaseLost):
+            # Stopped, or its shard is led elsewhere now: a held result stream is let go either way.
             if self.last is not None:
                 await asyncio.shield(self.last.release(False))
             current = self.state.current

@@ -28,6 +28,12 @@ NAMESPACE = "pythontask-system"
 DEPLOYMENT = "pythontask-operator"
 
 
+def _ran(cluster: Cluster, pod: str, task: str, namespace: str) -> bool:
+    logs = cluster.kubectl("logs", "-n", NAMESPACE, pod).stdout
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    return any(line.get("task") == task and line.get("namespace") == namespace for line in lines)
+
+
 @pytest.fixture
 def deployed(cluster: Cluster, real_node: str) -> Iterator[None]:
     """`make deploy` as a user runs it (no KUBECONFIG: the local cluster); the Deployment is deleted
@@ -71,19 +77,26 @@ def session_operators_paused() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGCONT)
 
 
-async def _operator_pod(core: client.CoreV1Api) -> Any:
+async def _operator_pods(core: client.CoreV1Api, count: int = 2) -> list[Any] | None:
     pods = await core.list_namespaced_pod(
         NAMESPACE, label_selector="app.kubernetes.io/name=pythontask-operator"
     )
-    ready = [p for p in pods.items if is_ready(p)]
-    return ready[0] if len(ready) == 1 else None
+    ready = [p for p in pods.items if is_ready(p) and p.metadata.deletion_timestamp is None]
+    return ready if len(ready) == count else None
+
+
+async def _leader(api: client.ApiClient) -> str:
+    """The operator pod holding the (only) shard lease: its identity is `<pod name>_<random>`."""
+    lease = await client.CoordinationV1Api(api).read_namespaced_lease("pythontask-shard-0-of-1", NAMESPACE)
+    return str(lease.spec.holder_identity or "").rpartition("_")[0]
 
 
 async def test_make_deploy_runs_the_operator_in_the_cluster(
     deployed: None, api: client.ApiClient, core: client.CoreV1Api, cluster: Cluster
 ) -> None:
-    # Ready means its readiness probe, on the liveness endpoint, answers.
-    pod = await eventually(lambda: _operator_pod(core), within=120, what="a Ready operator pod")
+    # Ready means its readiness probe, on the liveness endpoint, answers. Two replicas: a leader, a standby.
+    pods = await eventually(lambda: _operator_pods(core), within=120, what="2 Ready operator pods")
+    pod = pods[0]
     name = pod.metadata.name
     assert pod.spec.node_name == real.NODE
     container = pod.spec.containers[0]
@@ -104,15 +117,13 @@ async def test_make_deploy_runs_the_operator_in_the_cluster(
     namespace = f"deploy-{uuid.uuid4().hex[:6]}"
     await core.create_namespace({"metadata": {"name": namespace, "labels": {"pythontask.dev/test": "true"}}})
     try:
-        await _run_a_task_in_cluster(api, core, cluster, namespace, name)
+        await _run_a_task_in_cluster(api, core, cluster, namespace, {p.metadata.name for p in pods})
     finally:
         await core.delete_namespace(namespace, grace_period_seconds=0)
-    restarts = (await core.read_namespaced_pod(name, NAMESPACE)).status.container_statuses[0].restart_count
-    assert restarts == 0  # the liveness probe never failed
 
 
 async def _run_a_task_in_cluster(
-    api: client.ApiClient, core: client.CoreV1Api, cluster: Cluster, namespace: str, operator_pod: str
+    api: client.ApiClient, core: client.CoreV1Api, cluster: Cluster, namespace: str, operator_pods: set[str]
 ) -> None:
     async def default_service_account() -> bool:
         accounts = await core.list_namespaced_service_account(
@@ -131,17 +142,31 @@ async def _run_a_task_in_cluster(
         assert (status["phase"], status.get("exitCode")) == ("Succeeded", 0), outcome
         assert status["output"]["stdout"] == "in-cluster 3 1\n"
         assert status["pod"] == "target"
+        leader = await _leader(api)
+        assert leader in operator_pods, leader  # `kubectl get leases -n pythontask-system` names it
+        assert _ran(cluster, leader, "hello", namespace)
 
-        logs = cluster.kubectl("logs", "-n", NAMESPACE, operator_pod).stdout
-        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-        assert any(line.get("task") == "hello" and line.get("namespace") == namespace for line in lines), (
-            logs[-3000:]
-        )
+        # The leader's pod is deleted (a drain, a rollout): it hands the lease back as it exits, and the
+        # standby runs the next task.
+        await core.delete_namespaced_pod(leader, NAMESPACE)
+        [standby] = operator_pods - {leader}
+
+        async def standby_leads() -> bool:
+            return await _leader(api) == standby
+
+        await eventually(standby_leads, within=60, what=f"{standby} to take the lease over")
+        await tasks.create("again", {"target": {"podName": "target"}, "script": {"inline": script}})
+        status = await tasks.wait_status("again", within=120)
+        assert (status["phase"], status.get("exitCode")) == ("Succeeded", 0), status
+        assert _ran(cluster, standby, "again", namespace)
+        pod = await core.read_namespaced_pod(standby, NAMESPACE)
+        assert pod.status.container_statuses[0].restart_count == 0  # its liveness probe never failed
         # No operator process of this session saw it (they were stopped; their logs are the proof).
         for log in (ROOT / ".local/logs").glob("operator-*.log"):
             assert namespace not in log.read_text(errors="replace"), f"{log} (pids {paused}) handled the task"
         # Released by the in-cluster operator (its finalizer), before the paused ones come back.
         await tasks.delete("hello")
+        await tasks.delete("again")
 
         async def gone() -> bool:
             listing = await tasks.custom.list_namespaced_custom_object(

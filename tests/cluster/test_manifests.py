@@ -18,6 +18,8 @@ def test_operator_manifests_pass_a_server_side_dry_run(cluster: Cluster, crds: N
         "serviceaccount/pythontask-operator",
         "clusterrole.rbac.authorization.k8s.io/pythontask-operator",
         "deployment.apps/pythontask-operator",
+        "poddisruptionbudget.policy/pythontask-operator",
+        "role.rbac.authorization.k8s.io/pythontask-operator-leases",
     ):
         assert kind in out, out
 
@@ -81,6 +83,13 @@ def test_the_operator_may_not_do_more(
     rbac_installed: None, cluster: Cluster, verb: str, resource: str
 ) -> None:
     assert not can(cluster, verb, resource)
+
+
+@pytest.mark.parametrize("verb", ["get", "list", "create", "update", "delete"])
+def test_leases_only_in_the_operators_namespace(rbac_installed: None, cluster: Cluster, verb: str) -> None:
+    assert can(cluster, verb, "leases.coordination.k8s.io", "pythontask-system")
+    assert not can(cluster, verb, "leases.coordination.k8s.io", "kube-system")
+    assert not can(cluster, verb, "leases.coordination.k8s.io", "analytics")
 
 
 @pytest.mark.parametrize("sub", ["attach", "portforward", "ephemeralcontainers"])

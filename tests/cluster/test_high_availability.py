@@ -1,0 +1,293 @@
+"""Several operator processes against the real apiserver: one leader per shard, a standby that takes
+over from a killed or paused leader and follows its script to the result, a paused leader that comes
+back and writes nothing, and tasks split over three shards run exactly once while a replica dies.
+
+The replicas run with the default lease timing (15 s duration, 10 s renew deadline, 2 s retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from pythontask.leases import Timing, member_lease_name, shard_lease_name
+from support.cluster import ROOT, Cluster
+from support.operator import OperatorProcess
+from support.pods import ready_pod
+from support.tasks import TaskClient
+from support.waiting import eventually
+
+LEASES_NS = "pythontask-system"
+TIMING = Timing()
+LOGS = ROOT / ".local/logs/ha"
+
+
+class Replicas:
+    """Operator processes with their own identities; all stopped at the end."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.started: list[OperatorProcess] = []
+
+    def start(self, identity: str, shards: int = 1) -> OperatorProcess:
+        process = OperatorProcess(
+            self.cluster,
+            LOGS,
+            {"PYTHONTASK_SHARDS": str(shards)},
+            identity=f"{identity}-{uuid.uuid4().hex[:4]}",
+        )
+        process.start()
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.proc is not None and process.proc.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)  # a paused one must be able to exit
+            process.stop()
+
+
+@pytest.fixture
+def replicas(restartable_operator: OperatorProcess) -> Iterator[Replicas]:
+    """The session's operator is stopped (it would be one more replica); started again afterwards."""
+    restartable_operator.stop()
+    group = Replicas(restartable_operator.cluster)
+    yield group
+    group.stop_all()
+
+
+async def holder(api: client.ApiClient, shard: int, shards: int) -> str:
+    try:
+        lease = await client.CoordinationV1Api(api).read_namespaced_lease(
+            shard_lease_name("pythontask", shard, shards), LEASES_NS
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return ""
+        raise
+    return str(lease.spec.holder_identity or "")
+
+
+async def wait_holder(api: client.ApiClient, shard: int, shards: int, identity: str, within: float) -> float:
+    """Seconds until `identity` holds the shard's lease (polled every 0.1 s)."""
+    began = time.monotonic()
+
+    async def holds() -> bool:
+        return await holder(api, shard, shards) == identity
+
+    await eventually(holds, within=within, what=f"{identity} to hold shard {shard}", interval=0.1)
+    return time.monotonic() - began
+
+
+def mentions(process: OperatorProcess, *words: str) -> bool:
+    return any(all(w in line for w in words) for line in process.log_path.read_text().splitlines())
+
+
+def finished(process: OperatorProcess) -> list[tuple[str, str]]:
+    """(namespace, name) of every task this process logged as finished."""
+    found = []
+    for line in process.log_path.read_text().splitlines():
+        if '"task finished"' in line:
+            entry = json.loads(line)
+            found.append((entry["namespace"], entry["task"]))
+    return found
+
+
+def counted_sleep(ledger: Path, seconds: float) -> str:
+    """Appends its task and attempt to the ledger when it starts (O_APPEND: whole lines), then sleeps."""
+    return (
+        "import os, time\n"
+        f"with open({str(ledger)!r}, 'a') as f:\n"
+        "    f.write(os.environ['PYTHONTASK_NAMESPACE'] + '/' + os.environ['PYTHONTASK_TASK'] + '\\n')\n"
+        "print('started', flush=True)\n"
+        f"time.sleep({seconds})\n"
+        "print('done')\n"
+    )
+
+
+async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
+    api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient, replicas: Replicas, tmp_path: Path
+) -> None:
+    leader = replicas.start("leader")
+    await wait_holder(api, 0, 1, leader.identity, within=10)
+    standby = replicas.start("standby")
+    await ready_pod(core, tasks.namespace)
+    ledger = tmp_path / "ledger"
+    await tasks.create(
+        "nightly", {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 8)}}
+    )
+    await eventually(lambda: _exists(ledger), within=30, what="the script to start")
+    assert mentions(leader, "attempt starting", "nightly")
+    assert not mentions(standby, "nightly")  # warm, but acting on nothing
+
+    leader.kill()
+    takeover = await wait_holder(api, 0, 1, standby.identity, within=TIMING.lease_duration + 10)
+    print(f"takeover after SIGKILL: {takeover:.1f}s (lease duration {TIMING.lease_duration:g}s)")
+    assert takeover <= TIMING.lease_duration + 2, f"takeover took {takeover:.1f}s"
+
+    status = await tasks.wait_status("nightly", within=60)
+    assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
+    assert status["output"]["stdout"] == "started\ndone\n"
+    assert ledger.read_text().splitlines() == [f"{tasks.namespace}/nightly"]  # one run, followed, not rerun
+    assert mentions(standby, "resuming the recorded attempt", "nightly")
+
+
+async def test_a_paused_leader_comes_back_writes_nothing_and_steps_down(
+    api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient, replicas: Replicas, tmp_path: Path
+) -> None:
+    old = replicas.start("old")
+    await wait_holder(api, 0, 1, old.identity, within=10)
+    new = replicas.start("new")
+    await ready_pod(core, tasks.namespace)
+    ledger = tmp_path / "ledger"
+    # Still running when the standby takes over; done before the old leader comes back.
+    await tasks.create(
+        "cut-off", {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 20)}}
+    )
+    await eventually(lambda: _exists(ledger), within=30, what="the script to start")
+
+    os.kill(old.pid, signal.SIGSTOP)  # a partition, a long GC pause: the process sees nothing of it
+    try:
+        await wait_holder(api, 0, 1, new.identity, within=TIMING.lease_duration + 10)
+        status = await tasks.wait_status("cut-off", within=60)
+        assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
+        await tasks.events("cut-off", at_least=1)
+        before = await _footprint(api, core, tasks)
+    finally:
+        os.kill(old.pid, signal.SIGCONT)
+
+    async def stepped_down() -> bool:
+        return mentions(old, "shard's tasks handed over")
+
+    await eventually(stepped_down, within=30, what="the old leader to step down")
+    assert mentions(old, "shard lost: stepping down")
+    # Give a wrongly-acting old leader every chance to show itself: two more of its election rounds
+    # (its member lease renewed twice).
+    await _member_renewals(api, old, 2)
+    after = await _footprint(api, core, tasks)
+    assert after == before  # not one write: the task's resourceVersion and its Events are unchanged
+    assert ledger.read_text().splitlines() == [f"{tasks.namespace}/cut-off"]
+    assert await holder(api, 0, 1) == new.identity
+
+
+async def _footprint(api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient) -> Any:
+    task = await tasks.get("cut-off")
+    events = await core.list_namespaced_event(tasks.namespace)
+    return task["metadata"]["resourceVersion"], sorted(
+        (e.metadata.name, e.metadata.resource_version, e.count) for e in events.items
+    )
+
+
+async def _member_renewals(api: client.ApiClient, process: OperatorProcess, renewals: int) -> None:
+    leases = client.CoordinationV1Api(api)
+    name = member_lease_name("pythontask", process.identity)
+    seen = {(await leases.read_namespaced_lease(name, LEASES_NS)).metadata.resource_version}
+
+    async def renewed() -> bool:
+        seen.add((await leases.read_namespaced_lease(name, LEASES_NS)).metadata.resource_version)
+        return len(seen) > renewals
+
+    await eventually(
+        renewed, within=10 * TIMING.retry_period, what=f"{renewals} renewals by {process.identity}"
+    )
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+@pytest.fixture
+async def thirty_namespaces(core: client.CoreV1Api) -> AsyncIterator[list[str]]:
+    names = [f"ha-shards-{i}-{uuid.uuid4().hex[:5]}" for i in range(30)]
+    for name in names:
+        await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
+
+    async def accounts() -> bool:
+        listing = await core.list_service_account_for_all_namespaces(field_selector="metadata.name=default")
+        return set(names) <= {a.metadata.namespace for a in listing.items}
+
+    await eventually(accounts, within=60, what="default ServiceAccounts in 30 namespaces")
+    await asyncio.gather(*(ready_pod(core, name) for name in names))
+    yield names
+    for name in names:
+        await core.delete_namespace(name, grace_period_seconds=0)
+
+
+@pytest.mark.timeout(600)
+async def test_three_shards_split_the_tasks_and_move_when_a_replica_dies(
+    api: client.ApiClient, replicas: Replicas, thirty_namespaces: list[str], tmp_path: Path
+) -> None:
+    group = [replicas.start(name, shards=3) for name in ("a", "b", "c")]
+
+    async def one_shard_each() -> dict[int, str] | None:
+        # Replicas starting together may first take more than their share; they hand the rest back.
+        owners = {shard: await holder(api, shard, 3) for shard in range(3)}
+        return owners if sorted(owners.values()) == sorted(p.identity for p in group) else None
+
+    owners = await eventually(one_shard_each, within=60, what="one shard for each replica")
+
+    ledger = tmp_path / "ledger"
+    clients = [TaskClient(api, ns) for ns in thirty_namespaces]
+    first = [(c, f"first-{i}") for c in clients for i in range(5)]
+    await asyncio.gather(
+        *(
+            c.create(
+                name, {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 0.2)}}
+            )
+            for c, name in first
+        )
+    )
+    statuses = await asyncio.gather(*(c.wait_status(name, within=240) for c, name in first))
+    assert all(s["phase"] == "Succeeded" for s in statuses)
+    wanted = {(c.namespace, name) for c, name in first}
+    load = Counter(p.identity for p in group for task in finished(p) if task in wanted)
+    print(f"tasks per replica: {dict(load)}")
+    assert sum(load.values()) == 150
+    assert len(load) == 3
+    assert max(load.values()) <= 2 * min(load.values()), load
+
+    # Now one replica dies with tasks in flight: its shard moves, nothing is lost or run twice.
+    second = [(c, f"second-{i}") for c in clients for i in range(5)]
+    await asyncio.gather(
+        *(
+            c.create(name, {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 3)}})
+            for c, name in second
+        )
+    )
+
+    async def some_started() -> bool:
+        return ledger.exists() and sum("second-" in line for line in ledger.read_text().splitlines()) >= 30
+
+    await eventually(some_started, within=120, what="30 tasks of the second wave to start")
+    victim = group[2]
+    victim.kill()
+    [lost_shard] = [s for s, who in owners.items() if who == victim.identity]
+    survivors = {p.identity for p in group[:2]}
+
+    async def moved() -> bool:
+        return await holder(api, lost_shard, 3) in survivors
+
+    await eventually(moved, within=TIMING.lease_duration + 15, what=f"shard {lost_shard} to move")
+    statuses = await asyncio.gather(*(c.wait_status(name, within=300) for c, name in second))
+    # An attempt the dead replica recorded but never started is NotStarted (free), and the next one ran.
+    wrong = [
+        s
+        for s in statuses
+        if s["phase"] != "Succeeded" or s["attempts"] - s.get("attemptsNotStarted", 0) != 1
+    ]
+    assert wrong == []
+    runs = Counter(ledger.read_text().splitlines())
+    expected = {f"{c.namespace}/{name}" for c, name in first + second}
+    assert set(runs) == expected
+    assert [task for task, n in runs.items() if n != 1] == []  # 300 tasks, each run exactly once
