@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCAL_KUBECONFIG := $(CURDIR)/.local/kubeconfig
 PYTEST_ARGS ?=
+# e.g. make run RUN_ARGS="--shards 2" (in two shells: two replicas, one shard each)
+RUN_ARGS ?=
 # The operator image for `make docker-build` / `make deploy` on a cluster named by KUBECONFIG.
 IMG ?=
 CONTAINER_TOOL ?= docker
@@ -58,7 +60,7 @@ run: venv
 	  $(KUBECTL) apply --server-side -f manifests/namespace.yaml && \
 	  $(KUBECTL) wait --for=condition=Established --timeout=60s crd/pythontasks.pythontask.dev && \
 	  echo "operator starting; in another shell: export KUBECONFIG=$$KUBECONFIG" && \
-	  exec $(PY) -m pythontask --all-namespaces
+	  exec $(PY) -m pythontask --all-namespaces $(RUN_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests bench hack

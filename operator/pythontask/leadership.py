@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -81,7 +81,7 @@ class Leadership:
         timing: Timing | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_acquired: Callable[[int], Awaitable[None]] | None = None,
-        on_lost: Callable[[int], Awaitable[None]] | None = None,
+        on_lost: Callable[[int], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError(f"shards must be at least 1, got {shards}")
@@ -100,6 +100,7 @@ class Leadership:
         self._start = int.from_bytes(identity.encode()[-4:].rjust(4, b"\0"), "big") % shards
         self._closing = False
         self._waiting_for_others = False
+        self._stopping: set[asyncio.Task[None]] = set()  # shards' work being stopped, leases handed back
 
     # -- what the rest of the operator asks ---------------------------------------------------------
 
@@ -130,13 +131,23 @@ class Leadership:
         await asyncio.sleep(self.timing.retry_period / 2)
 
     async def tick(self) -> None:
-        records = await self.store.list()
+        """One round: look at the leases, renew ours (first: nothing may delay that), keep the member
+        lease, then take or hand back shards. A failed look still renews; it only skips the rest."""
+        try:
+            records = await self.store.list()
+        except Exception as e:
+            log.warning("cannot list the leases; renewing what we hold", error=f"{type(e).__name__}: {e}")
+            await self._renew_or_lose()
+            return
         now = self.clock()
         self.records = {r.name: r for r in records}
         for record in records:
             self.observed.see(record, now)
-        await self._keep_membership()
         await self._renew_or_lose()
+        try:
+            await self._keep_membership()
+        except Exception as e:
+            log.warning("member lease not renewed", error=f"{type(e).__name__}: {e}")
         if self._closing:
             return
         await self._collect_dead_members()
@@ -146,7 +157,7 @@ class Leadership:
         free = {s for s in range(self.shards) if self._free(s)}
         step = plan(self.shards, set(self.held), free, members, self._start)
         for shard in step.release:
-            await self._hand_back(shard, why="above the fair share")
+            self._hand_back(shard, why="above the fair share")
         for shard in step.acquire:
             await self._acquire(shard)
 
@@ -156,7 +167,9 @@ class Leadership:
         self._closing = True
         with fencing.unfenced():
             for shard in list(self.held):
-                await self._hand_back(shard, why="operator exiting")
+                self._hand_back(shard, why="operator exiting")
+            if self._stopping:
+                await asyncio.wait(self._stopping)
             if self.member is not None:
                 with contextlib.suppress(Exception):
                     await self.store.delete(self.member.record)
@@ -186,27 +199,42 @@ class Leadership:
         for shard, held in list(self.held.items()):
             seen = self.records.get(held.record.name)
             if seen is not None and seen.holder != self.identity:
-                await self._lost(shard, f"{seen.holder or 'nobody'} holds it now")
+                self._lost(shard, f"{seen.holder or 'nobody'} holds it now")
                 continue
             if self.clock() - held.sent_at >= self.timing.retry_period:
-                sent = self.clock()
-                try:
-                    record = await self.store.write(
-                        held.record.name,
-                        self._labels("shard", shard),
-                        self.identity,
-                        held.record.transitions,
-                        held.record,
-                    )
-                except Conflict:
-                    await self._lost(shard, "the lease changed under this replica")
-                    continue
-                except Exception as e:
-                    log.warning("lease renewal failed", shard=shard, error=f"{type(e).__name__}: {e}")
-                else:
-                    self.held[shard] = Held(record, sent)
-            if not self.leads(shard):
-                await self._lost(shard, "not renewed within the renew deadline")
+                await self._renew(shard, held)
+            if shard in self.held and not self.leads(shard):
+                self._lost(shard, "not renewed within the renew deadline")
+
+    async def _renew(self, shard: int, held: Held) -> None:
+        sent = self.clock()
+        try:
+            record = await self.store.write(
+                held.record.name,
+                self._labels("shard", shard),
+                self.identity,
+                held.record.transitions,
+                held.record,
+            )
+        except Conflict:
+            # A renewal that timed out here may still have been applied there: if the lease is still
+            # ours, carry on from its new version (validity still counts from the last confirmed send).
+            current = await self._read(held.record.name)
+            if current is not None and current.holder == self.identity:
+                self.held[shard] = Held(current, held.sent_at)
+            else:
+                self._lost(shard, "the lease changed under this replica")
+        except Exception as e:
+            log.warning("lease renewal failed", shard=shard, error=f"{type(e).__name__}: {e}")
+        else:
+            self.held[shard] = Held(record, sent)
+
+    async def _read(self, name: str) -> LeaseRecord | None:
+        with contextlib.suppress(Exception):
+            for record in await self.store.list():
+                if record.name == name:
+                    return record
+        return None
 
     def _free(self, shard: int) -> bool:
         record = self.records.get(shard_lease_name(self.prefix, shard, self.shards))
@@ -280,27 +308,38 @@ class Leadership:
         if self.on_acquired is not None:
             await self.on_acquired(shard)
 
-    async def _lost(self, shard: int, why: str) -> None:
+    def _lost(self, shard: int, why: str) -> None:
+        """Its fence is closed by now (or closes here); the shard's work is stopped off this loop, which
+        must go on renewing the other shards."""
         self.held.pop(shard, None)
         metrics.shard_changed(shard, "lost", leading=False)
         log.warning("shard lost: stepping down", shard=shard, identity=self.identity, why=why)
         if self.on_lost is not None:
-            await self.on_lost(shard)
+            self._background(self.on_lost(shard))
 
-    async def _hand_back(self, shard: int, *, why: str) -> None:
+    def _hand_back(self, shard: int, *, why: str) -> None:
         """Work on the shard stops first; only then is the lease released (holder cleared), so the next
         leader starts after the last request made here for that shard."""
         held = self.held.pop(shard, None)  # the fence closes here, before anything else
         if held is None:
             return
         metrics.shard_changed(shard, "released", leading=False)
-        if self.on_lost is not None:
-            await self.on_lost(shard)
-        with contextlib.suppress(Conflict, ApiException):
-            await self.store.write(
-                held.record.name, self._labels("shard", shard), "", held.record.transitions, held.record
-            )
-        log.info("shard released", shard=shard, identity=self.identity, why=why)
+
+        async def stop_then_release() -> None:
+            if self.on_lost is not None:
+                await self.on_lost(shard)
+            with fencing.unfenced(), contextlib.suppress(Exception):
+                await self.store.write(
+                    held.record.name, self._labels("shard", shard), "", held.record.transitions, held.record
+                )
+            log.info("shard released", shard=shard, identity=self.identity, why=why)
+
+        self._background(stop_then_release())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
 
 # -- the Kubernetes edge ------------------------------------------------------------------------------

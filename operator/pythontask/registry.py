@@ -114,6 +114,7 @@ class Registry:
         self._finalizing: set[str] = set()
         self._deleted: set[str] = set()  # deleted tasks whose runner is still stopping
         self._background: dict[asyncio.Task[Any], int] = {}  # -> the shard it works for
+        self._closing = False
 
     def backoff(self, uid: str) -> float:
         failures = self.failures.get(uid, 0)
@@ -204,6 +205,13 @@ class Registry:
             return  # gone: nothing to remember or retry
         stopped = runner.stop_reason  # this runner's own: the registry may already hold its replacement
         if task.cancelled() and stopped is not None:
+            if stopped is StopReason.SHUTDOWN and not self._closing:
+                # Its shard was lost: parked. If the shard came back meanwhile, its task is taken up again
+                # (the acquisition skipped it while this runner was still stopping).
+                self.parked[uid] = runner.body
+                if self.ownership.leads(self.shard(body)) and uid not in self.running:
+                    meta = body["metadata"]
+                    self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
             return  # stopped on purpose; whoever stopped it carries on
         error = None if task.cancelled() else task.exception()
         if task.cancelled():
@@ -324,6 +332,7 @@ class Registry:
 
     async def close(self) -> None:
         """Operator shutdown: stop following, but leave the scripts running (followed after restart)."""
+        self._closing = True
         for running in list(self.running.values()):
             running.stop(StopReason.SHUTDOWN)
         for task in list(self._background):

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from pythontask.leases import Timing, member_lease_name, shard_lease_name
 from support.cluster import ROOT, Cluster
-from support.operator import OperatorProcess
+from support.operator import OperatorProcess, free_port
 from support.pods import ready_pod
 from support.tasks import TaskClient
 from support.waiting import eventually
@@ -41,12 +42,14 @@ class Replicas:
         self.started: list[OperatorProcess] = []
 
     def start(self, identity: str, shards: int = 1) -> OperatorProcess:
+        port = free_port()
         process = OperatorProcess(
             self.cluster,
             LOGS,
-            {"PYTHONTASK_SHARDS": str(shards)},
+            {"PYTHONTASK_SHARDS": str(shards), "PYTHONTASK_METRICS_PORT": str(port)},
             identity=f"{identity}-{uuid.uuid4().hex[:4]}",
         )
+        process.metrics_port = port  # type: ignore[attr-defined]
         process.start()
         self.started.append(process)
         return process
@@ -90,6 +93,15 @@ async def wait_holder(api: client.ApiClient, shard: int, shards: int, identity: 
     return time.monotonic() - began
 
 
+def leads_by_metrics(process: OperatorProcess, shard: int) -> bool:
+    """What the replica's own /metrics says: pythontask_shard_leader{shard=...} is 1."""
+    port = process.metrics_port  # type: ignore[attr-defined]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith(f'pythontask_shard_leader{{shard="{shard}"}}'))
+    return float(line.split()[-1]) == 1.0
+
+
 def mentions(process: OperatorProcess, *words: str) -> bool:
     return any(all(w in line for w in words) for line in process.log_path.read_text().splitlines())
 
@@ -130,6 +142,8 @@ async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
     await eventually(lambda: _exists(ledger), within=30, what="the script to start")
     assert mentions(leader, "attempt starting", "nightly")
     assert not mentions(standby, "nightly")  # warm, but acting on nothing
+    assert leads_by_metrics(leader, 0)
+    assert not leads_by_metrics(standby, 0)
 
     leader.kill()
     takeover = await wait_holder(api, 0, 1, standby.identity, within=TIMING.lease_duration + 10)
@@ -141,6 +155,7 @@ async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
     assert status["output"]["stdout"] == "started\ndone\n"
     assert ledger.read_text().splitlines() == [f"{tasks.namespace}/nightly"]  # one run, followed, not rerun
     assert mentions(standby, "resuming the recorded attempt", "nightly")
+    assert leads_by_metrics(standby, 0)
 
 
 async def test_a_paused_leader_comes_back_writes_nothing_and_steps_down(

@@ -168,6 +168,7 @@ async def test_a_paused_leader_comes_back_as_a_follower() -> None:
     await rounds([b], clock, 30)  # a is stopped (SIGSTOP) for 30 s
     assert leaders([a, b], 0) == ["b"]
     await a.tick()  # SIGCONT: its first round sees b holds the lease
+    await asyncio.sleep(0)  # the shard's work is stopped off the election loop
     assert lost == [0]
     assert not a.leads(0)
     assert not a.held
@@ -253,3 +254,43 @@ def test_no_schedule_gives_a_shard_two_leaders(shards: int, schedule: list[tuple
             assert len(leaders(replicas, shard)) == 1
 
     asyncio.run(play())
+
+
+class Flaky(MemoryLeases):
+    """Lists fail, or a renewal is applied but its answer never arrives (a client-side timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_lists = False
+        self.lose_answers = 0
+
+    async def list(self) -> list[LeaseRecord]:
+        if self.fail_lists:
+            raise TimeoutError("list timed out")
+        return await super().list()
+
+    async def write(self, *args: Any) -> LeaseRecord:
+        record = await super().write(*args)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise TimeoutError("applied, but the answer was lost")
+        return record
+
+
+async def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease() -> None:
+    store, clock = Flaky(), Clock()
+    a = replica(store, clock, "a")
+    await rounds([a], clock, 4)
+    store.lose_answers = 1
+    await rounds([a], clock, 6)  # the next renewal carries a stale version: 409, then the lease is ours
+    assert a.leads(0)
+    assert store.leases[shard_lease_name("pythontask", 0, 1)].holder == "a"
+
+
+async def test_leases_are_renewed_even_when_listing_them_fails() -> None:
+    store, clock = Flaky(), Clock()
+    a = replica(store, clock, "a")
+    await rounds([a], clock, 4)
+    store.fail_lists = True
+    await rounds([a], clock, 30)
+    assert a.leads(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -201,3 +202,25 @@ def test_a_finished_task_at_rest_is_not_parked() -> None:
     done["status"] = {"phase": "Succeeded", "observedGeneration": 1, "rerunToken": ""}
     registry.observe("ADDED", done)
     assert registry.parked == {}  # nothing to take over: no read for it when the shard moves here
+
+
+async def test_a_shard_back_before_its_runner_stopped_gets_its_task_taken_up_again() -> None:
+    shards = Shards({1})
+    body = task_in_shard(1, "back")
+    uid = body["metadata"]["uid"]
+    registry = Recording()
+    registry.ownership = shards
+    registry.ctx = SimpleNamespace(tasks=FlakyTasks(body))  # type: ignore[assignment]
+    registry.ctx.tasks.calls = 1
+    stopping = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+    runner = SimpleNamespace(stop_reason=registry_module.StopReason.SHUTDOWN, body=body)
+    await registry.shard_acquired(1)  # lost and won back quickly: the old runner is still stopping
+    stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
+    registry._runner_done(uid, body, (1, ""), stopping, runner)  # type: ignore[arg-type]
+
+    async def started() -> bool:
+        return registry.started == [(1, "new")]
+
+    await eventually(started, within=5, what="the task taken up again")
