@@ -55,6 +55,8 @@ options:
   etcdBinary: $BIN/etcd
   # Everything listens on and dials loopback only.
   bindAddress: 127.0.0.1
+  # Writes and execs, with the User-Agent that names the operator replica: logs/audit.log.
+  kubeAuditPolicy: $ROOT/hack/kwok/audit-policy.yaml
 componentsPatches:
 - name: kube-apiserver
   extraArgs:

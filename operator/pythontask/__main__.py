@@ -10,7 +10,7 @@ import kopf
 
 from . import handlers as _handlers  # noqa: F401  (registers the kopf handlers)
 from . import logs
-from .leadership import default_identity
+from .leadership import PROCESS_IDENTITY_ENV, process_identity
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,16 +34,18 @@ def main(argv: list[str] | None = None) -> None:
         help="split tasks among replicas into this many shards, one Lease each (PYTHONTASK_SHARDS; 1)",
     )
     parser.add_argument(
-        "--identity", default=None, help="this process's lease identity (PYTHONTASK_IDENTITY; unique default)"
+        "--identity",
+        default=None,
+        help="this process's name in the leases, before a random tail (PYTHONTASK_IDENTITY; the host name)",
     )
     args = parser.parse_args(argv)
     if args.shards is not None:
         if args.shards < 1:
             parser.error(f"--shards must be at least 1, got {args.shards}")
         os.environ["PYTHONTASK_SHARDS"] = str(args.shards)
-    # One identity for the whole process: the leases, the logs and the metrics say the same name.
-    identity = args.identity or os.environ.get("PYTHONTASK_IDENTITY") or default_identity()
-    os.environ["PYTHONTASK_IDENTITY"] = identity
+    # One identity for the whole process: the leases, the logs, the metrics and the User-Agent say it.
+    identity = process_identity(args.identity or os.environ.get("PYTHONTASK_IDENTITY", ""))
+    os.environ[PROCESS_IDENTITY_ENV] = identity
     logs.configure(args.log_level.upper(), replica=identity)
     asyncio.run(
         kopf.operator(

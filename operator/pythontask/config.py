@@ -29,7 +29,7 @@ class Settings:
     #: Tasks are split among replicas by a stable hash of namespace/uid into this many shards, one Lease
     #: each; every replica of one operator must use the same number (`--shards`).
     shards: int = _setting(1, "PYTHONTASK_SHARDS")
-    #: This process's name in the Leases; unique per process (default: hostname and a random tail).
+    #: This process's name in the Leases, before a random tail that makes it unique (default: hostname).
     identity: str = _setting("", "PYTHONTASK_IDENTITY")
     #: Where the Leases live (default: the operator pod's namespace, else pythontask-system).
     lease_namespace: str = _setting("", "PYTHONTASK_LEASE_NAMESPACE")

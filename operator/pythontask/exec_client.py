@@ -113,7 +113,7 @@ async def open_exec(
             session.ws_connect(
                 url,
                 protocols=wire.PROTOCOLS,
-                headers=await _auth_headers(configuration),
+                headers={**await _auth_headers(configuration), "User-Agent": api_client.user_agent},
                 max_msg_size=0,
                 autoping=True,
                 server_hostname=api_client.rest_client.server_hostname,
@@ -131,6 +131,11 @@ async def open_exec(
     if ws.protocol not in wire.PROTOCOLS:
         await ws.close()
         raise ExecError(f"apiserver offered no channel protocol we speak (got {ws.protocol!r})")
+    try:
+        fencing.check()  # again: connecting took time, and what is sent next (stdin) is the operation
+    except fencing.LeaseLost:
+        await ws.close()
+        raise
     stream = ExecStream(ws)
     try:
         yield stream

@@ -5,6 +5,7 @@ replica watches every task (a warm cache); the shard leases decide which replica
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import kopf
@@ -12,7 +13,7 @@ import kopf
 from . import fencing, metrics
 from .config import Settings
 from .kube import make_api_client
-from .leadership import KubeLeases, Leadership, default_identity, lease_namespace
+from .leadership import PROCESS_IDENTITY_ENV, KubeLeases, Leadership, lease_namespace, process_identity
 from .leases import Timing
 from .registry import Registry
 from .runner import Context
@@ -33,19 +34,26 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     operator_settings = Settings.from_env()
+    identity = os.environ.get(PROCESS_IDENTITY_ENV) or process_identity(operator_settings.identity)
+    user_agent = f"pythontask-operator/{identity}"  # the apiserver's audit log names the replica
     # Every attempt in flight holds an exec connection; leave room for watches and status writes.
     api = await make_api_client(
         connections=operator_settings.max_attempts_in_flight + 128,
         request_timeout=operator_settings.request_timeout_seconds,
+        user_agent=user_agent,
     )
-    identity = operator_settings.identity or default_identity()
+    # Leases have a client of their own, as in client-go: renewals never queue behind exec streams.
+    lease_api = await make_api_client(connections=8, user_agent=user_agent)
     timing = Timing(
         operator_settings.lease_duration_seconds,
         operator_settings.renew_deadline_seconds,
         operator_settings.retry_period_seconds,
     )
     leases = KubeLeases(
-        api, operator_settings.lease_namespace or lease_namespace(), operator_settings.lease_name, timing
+        lease_api,
+        operator_settings.lease_namespace or lease_namespace(),
+        operator_settings.lease_name,
+        timing,
     )
     fencing.strict(True)  # from here on, a write made for no shard is a bug, refused
     leadership = Leadership(
@@ -58,7 +66,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     registry = Registry(Context.create(api, operator_settings), leadership)
     leadership.on_acquired, leadership.on_lost = registry.shard_acquired, registry.shard_lost
     metrics.serve(operator_settings.metrics_port, identity, operator_settings.shards)
-    memo["registry"], memo["leadership"] = registry, leadership
+    memo["registry"], memo["leadership"], memo["lease_api"] = registry, leadership, lease_api
     memo["elector"] = asyncio.get_running_loop().create_task(leadership.run(), name="leader-election")
 
 
@@ -66,12 +74,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     registry: Registry = memo["registry"]
     leadership: Leadership = memo["leadership"]
-    memo["elector"].cancel()
+    elector: asyncio.Task[None] = memo["elector"]
+    elector.cancel()
+    await asyncio.gather(elector, return_exceptions=True)  # no renewal or acquisition lands after close
     await leadership.close()  # stops each shard's work, then releases its lease for a standby
     await registry.close()
     await registry.ctx.pod_cache.close()
     await registry.ctx.janitor.close()
     await registry.ctx.api.close()
+    await memo["lease_api"].close()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 async def make_api_client(
-    connections: int = 256, request_timeout: float = REQUEST_TIMEOUT_SECONDS
+    connections: int = 256, request_timeout: float = REQUEST_TIMEOUT_SECONDS, user_agent: str = ""
 ) -> client.ApiClient:
     """In a pod: its service account. Elsewhere: KUBECONFIG or ~/.kube/config.
 
@@ -33,6 +33,8 @@ async def make_api_client(
         await config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = connections
     api = client.ApiClient(configuration)
+    if user_agent:
+        api.user_agent = user_agent
     bound_requests(api, request_timeout)
     return api
 

@@ -41,11 +41,14 @@ ROLE_LABEL = "pythontask.dev/lease-role"
 GROUP_LABEL = "pythontask.dev/lease-group"
 SHARDS_LABEL = "pythontask.dev/shards"
 SHARD_LABEL = "pythontask.dev/shard"
+PROCESS_IDENTITY_ENV = "PYTHONTASK_PROCESS_IDENTITY"  # set by __main__: one identity per process
 
 
-def default_identity() -> str:
-    """Unique per process, readable in `kubectl get leases`: the host (the pod's name) and a random tail."""
-    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+def process_identity(name: str = "") -> str:
+    """Unique per process, readable in `kubectl get leases`: a name (default: the host, which in a pod is
+    its name) and a random tail. Never the bare name: a second process given the same name (a restarted
+    pod, a copy on a partitioned node) must count as someone else, never as the holder itself."""
+    return f"{name or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 class Conflict(Exception):
@@ -81,7 +84,7 @@ class Leadership:
         timing: Timing | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_acquired: Callable[[int], Awaitable[None]] | None = None,
-        on_lost: Callable[[int], Coroutine[Any, Any, None]] | None = None,
+        on_lost: Callable[[int], Coroutine[Any, Any, bool]] | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError(f"shards must be at least 1, got {shards}")
@@ -92,7 +95,7 @@ class Leadership:
         self.timing = timing or Timing()
         self.clock = clock
         self.on_acquired = on_acquired
-        self.on_lost = on_lost
+        self.on_lost = on_lost  # stops a shard's work; True once all of it has stopped
         self.held: dict[int, Held] = {}
         self.member: Held | None = None
         self.observed = Observations()
@@ -100,6 +103,7 @@ class Leadership:
         self._start = int.from_bytes(identity.encode()[-4:].rjust(4, b"\0"), "big") % shards
         self._closing = False
         self._waiting_for_others = False
+        self._joined_at: float | None = None  # when a list first showed our member lease
         self._stopping: set[asyncio.Task[None]] = set()  # shards' work being stopped, leases handed back
 
     # -- what the rest of the operator asks ---------------------------------------------------------
@@ -123,42 +127,61 @@ class Leadership:
                     await self.tick()
                 except Exception as e:  # the apiserver may be away: try again next round
                     log.warning("lease round failed", error=f"{type(e).__name__}: {e}")
-                await self._sleep()
-
-    async def _sleep(self) -> None:
-        # Standbys look twice per retry period, so a dead leader is noticed within a lease duration plus
-        # half a retry period of its last renewal; renewals are due once per retry period.
-        await asyncio.sleep(self.timing.retry_period / 2)
+                await asyncio.sleep(self.timing.retry_period / 2)
 
     async def tick(self) -> None:
-        """One round: look at the leases, renew ours (first: nothing may delay that), keep the member
-        lease, then take or hand back shards. A failed look still renews; it only skips the rest."""
+        """One round: look at the leases, renew ours, keep the member lease, then take or hand back
+        shards. Standbys look twice per retry period, so a dead leader's lease is taken within its
+        duration plus half a retry period of its last renewal."""
         try:
             records = await self.store.list()
         except Exception as e:
+            # Renewing needs no fresh look (each renewal is a compare-and-swap of our own version).
             log.warning("cannot list the leases; renewing what we hold", error=f"{type(e).__name__}: {e}")
-            await self._renew_or_lose()
+            await self._renew_all()
             return
         now = self.clock()
         self.records = {r.name: r for r in records}
         for record in records:
             self.observed.see(record, now)
-        await self._renew_or_lose()
+        for shard, held in list(self.held.items()):
+            seen = self.records.get(held.record.name)
+            if seen is not None and (seen.holder != self.identity or seen.shards != self.shards):
+                self._lost(shard, f"{seen.holder or 'nobody'} holds it now")
+        if self._other_count_live():
+            for shard in list(self.held):
+                self._lost(shard, "replicas with another shard count lead")
+            return
+        if not self._anchored() and any(s != 0 for s in self.held):
+            for shard in [s for s in self.held if s != 0]:
+                self._lost(shard, "shard 0 is led with another shard count")
+        await self._renew_all()
         try:
             await self._keep_membership()
+            await self._collect_dead_members()
         except Exception as e:
-            log.warning("member lease not renewed", error=f"{type(e).__name__}: {e}")
+            log.warning("member lease not kept", error=f"{type(e).__name__}: {e}")
         if self._closing:
             return
-        await self._collect_dead_members()
-        members = self._live_members()
-        if self._other_shard_count_leads():
-            return
+        await self._rebalance()
+
+    async def _rebalance(self) -> None:
+        now = self.clock()
+        member = self.records.get(member_lease_name(self.prefix, self.identity))
+        if member is not None and self._joined_at is None:
+            self._joined_at = now
         free = {s for s in range(self.shards) if self._free(s)}
-        step = plan(self.shards, set(self.held), free, members, self._start)
+        step = plan(self.shards, set(self.held), free, self._live_members(), self._start)
         for shard in step.release:
             self._hand_back(shard, why="above the fair share")
-        for shard in step.acquire:
+        acquire = list(step.acquire)
+        if self.shards > 1 and 0 not in self.held and not self._anchored():
+            # Shard 0 says which count runs: it is taken (or seen taken by this count) before any other.
+            acquire = [0] if 0 in free else []
+        if self._joined_at is None or now - self._joined_at < self.timing.retry_period:
+            # Just started: peers' member leases may not have shown yet; take one shard, not all of them.
+            acquire = acquire[: max(0, 1 - len(self.held))]
+        for shard in acquire:
             await self._acquire(shard)
 
     async def close(self) -> None:
@@ -182,34 +205,40 @@ class Leadership:
             labels[SHARD_LABEL] = str(shard)
         return labels
 
+    async def _write(
+        self, name: str, labels: dict[str, str], holder: str, transitions: int, previous: LeaseRecord | None
+    ) -> LeaseRecord:
+        record = await self.store.write(name, labels, holder, transitions, previous)
+        self.records[name] = record  # what we wrote is the newest we know
+        self.observed.see(record, self.clock())
+        return record
+
     async def _keep_membership(self) -> None:
         name = member_lease_name(self.prefix, self.identity)
         due = self.member is None or self.clock() - self.member.sent_at >= self.timing.retry_period
         if not due:
             return
         sent = self.clock()
-        current = self.records.get(name)
         try:
-            record = await self.store.write(name, self._labels("member"), self.identity, 0, current)
+            record = await self._write(name, self._labels("member"), self.identity, 0, self.records.get(name))
         except Conflict:
             return  # read again next round
         self.member = Held(record, sent)
 
-    async def _renew_or_lose(self) -> None:
-        for shard, held in list(self.held.items()):
-            seen = self.records.get(held.record.name)
-            if seen is not None and seen.holder != self.identity:
-                self._lost(shard, f"{seen.holder or 'nobody'} holds it now")
-                continue
-            if self.clock() - held.sent_at >= self.timing.retry_period:
-                await self._renew(shard, held)
-            if shard in self.held and not self.leads(shard):
-                self._lost(shard, "not renewed within the renew deadline")
+    async def _renew_all(self) -> None:
+        due = [
+            (shard, held)
+            for shard, held in self.held.items()
+            if self.clock() - held.sent_at >= self.timing.retry_period
+        ]
+        await asyncio.gather(*(self._renew(shard, held) for shard, held in due))
+        for shard in [s for s in self.held if not self.leads(s)]:
+            self._lost(shard, "not renewed within the renew deadline")
 
     async def _renew(self, shard: int, held: Held) -> None:
         sent = self.clock()
         try:
-            record = await self.store.write(
+            record = await self._write(
                 held.record.name,
                 self._labels("shard", shard),
                 self.identity,
@@ -220,27 +249,44 @@ class Leadership:
             # A renewal that timed out here may still have been applied there: if the lease is still
             # ours, carry on from its new version (validity still counts from the last confirmed send).
             current = await self._read(held.record.name)
-            if current is not None and current.holder == self.identity:
+            if current is not None and current.holder == self.identity and shard in self.held:
                 self.held[shard] = Held(current, held.sent_at)
             else:
                 self._lost(shard, "the lease changed under this replica")
+            return
         except Exception as e:
             log.warning("lease renewal failed", shard=shard, error=f"{type(e).__name__}: {e}")
-        else:
-            self.held[shard] = Held(record, sent)
+            return
+        if shard not in self.held:
+            return  # lost or handed back meanwhile
+        if not self.leads(shard):
+            # The answer came after our deadline: for a moment we were not leader, and work may have been
+            # refused and parked. A lapse is a loss; the next round takes the shard again (it is ours),
+            # and taking it re-reads its tasks.
+            self._lost(shard, "renewed only after the renew deadline")
+            return
+        self.held[shard] = Held(record, sent)
 
     async def _read(self, name: str) -> LeaseRecord | None:
         with contextlib.suppress(Exception):
             for record in await self.store.list():
+                self.records[record.name] = record
                 if record.name == name:
                     return record
         return None
 
     def _free(self, shard: int) -> bool:
-        record = self.records.get(shard_lease_name(self.prefix, shard, self.shards))
+        record = self.records.get(shard_lease_name(self.prefix, shard))
         if record is None or record.holder == self.identity:
             return True
         return self.observed.expired(record, self.clock())
+
+    def _anchored(self) -> bool:
+        """Shard 0's lease is live and says this shard count."""
+        anchor = self.records.get(shard_lease_name(self.prefix, 0))
+        if anchor is None or not anchor.holder or self.observed.expired(anchor, self.clock()):
+            return False
+        return anchor.shards == self.shards
 
     def _live_members(self) -> int:
         now = self.clock()
@@ -255,22 +301,27 @@ class Leadership:
         }
         return len(live | {self.identity})
 
-    def _other_shard_count_leads(self) -> bool:
+    def _other_count_live(self) -> bool:
         """Replicas configured with another shard count (a rollout changing it) must be gone first: two
         partitions of the same tasks would give one task two leaders."""
         now = self.clock()
-        for r in self.records.values():
-            if r.role == "shard" and r.shards != self.shards and not self.observed.expired(r, now):
-                if not self._waiting_for_others:
-                    log.warning(
-                        "waiting for the replicas with another shard count to go",
-                        lease=r.name,
-                        holder=r.holder,
-                    )
-                self._waiting_for_others = True
-                return True
-        self._waiting_for_others = False
-        return False
+        others = [
+            r
+            for r in self.records.values()
+            if r.role == "shard"
+            and r.holder
+            and r.shards != self.shards
+            and not self.observed.expired(r, now)
+        ]
+        if others and not self._waiting_for_others:
+            log.warning(
+                "waiting for the replicas with another shard count to go",
+                lease=others[0].name,
+                holder=others[0].holder,
+                their_shards=others[0].shards,
+            )
+        self._waiting_for_others = bool(others)
+        return bool(others)
 
     async def _collect_dead_members(self) -> None:
         now = self.clock()
@@ -279,21 +330,24 @@ class Leadership:
                 continue
             _, since = self.observed.seen.get(r.name, ("", now))
             if now - since >= 4 * r.duration:  # long dead: no member lease left behind for ever
-                with contextlib.suppress(Conflict, ApiException):
+                with contextlib.suppress(Exception):
                     await self.store.delete(r)
                 self.observed.forget(r.name)
+                self.records.pop(r.name, None)
 
     async def _acquire(self, shard: int) -> None:
-        name = shard_lease_name(self.prefix, shard, self.shards)
+        name = shard_lease_name(self.prefix, shard)
         current = self.records.get(name)
         transitions = (current.transitions + (current.holder != self.identity)) if current else 0
         sent = self.clock()
         try:
-            record = await self.store.write(
+            record = await self._write(
                 name, self._labels("shard", shard), self.identity, transitions, current
             )
         except Conflict:
             return  # another replica was faster
+        if self._closing or self.clock() >= sent + self.timing.renew_deadline:
+            return  # exiting, or answered too late to count: the next round takes it again (it is ours)
         self.held[shard] = Held(record, sent)
         metrics.shard_changed(shard, "acquired", leading=True)
         log.info(
@@ -311,23 +365,31 @@ class Leadership:
     def _lost(self, shard: int, why: str) -> None:
         """Its fence is closed by now (or closes here); the shard's work is stopped off this loop, which
         must go on renewing the other shards."""
-        self.held.pop(shard, None)
+        if self.held.pop(shard, None) is None:
+            return
         metrics.shard_changed(shard, "lost", leading=False)
         log.warning("shard lost: stepping down", shard=shard, identity=self.identity, why=why)
         if self.on_lost is not None:
-            self._background(self.on_lost(shard))
+            self._background(self._stop(shard))
+
+    async def _stop(self, shard: int) -> None:
+        if self.on_lost is not None:
+            await self.on_lost(shard)
 
     def _hand_back(self, shard: int, *, why: str) -> None:
         """Work on the shard stops first; only then is the lease released (holder cleared), so the next
-        leader starts after the last request made here for that shard."""
+        leader starts after the last request made here for that shard. Work that would not stop in time
+        keeps the lease unreleased: it then expires, a lease duration later."""
         held = self.held.pop(shard, None)  # the fence closes here, before anything else
         if held is None:
             return
         metrics.shard_changed(shard, "released", leading=False)
 
         async def stop_then_release() -> None:
-            if self.on_lost is not None:
-                await self.on_lost(shard)
+            stopped = await self.on_lost(shard) if self.on_lost is not None else True
+            if not stopped:
+                log.warning("shard's work did not stop in time: its lease is left to expire", shard=shard)
+                return
             with fencing.unfenced(), contextlib.suppress(Exception):
                 await self.store.write(
                     held.record.name, self._labels("shard", shard), "", held.record.transitions, held.record
@@ -357,8 +419,8 @@ class KubeLeases:
         self.namespace = namespace
         self.prefix = prefix
         self.timing = timing
-        # A lease request must not outlast the renew deadline it serves.
-        self._timeout = timing.retry_period
+        # A lease request must not outlast the renew deadline it serves; two fit in it.
+        self._timeout = timing.renew_deadline / 2
 
     async def list(self) -> list[LeaseRecord]:
         leases = await self._coordination.list_namespaced_lease(

@@ -10,6 +10,8 @@ The rules are client-go's leader election, on one Lease per shard:
 
 Sharding adds membership: every replica keeps a member lease; a replica aims to lead its fair share,
 ceil(shards / live members), takes free shards while below it and hands shards back while above it.
+Shard 0 is the anchor: its lease says which shard count runs, and another shard may be led only under an
+anchor of the same count, so replicas configured with different counts never lead at once.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def plan(shards: int, held: set[int], free: set[int], members: int, start: int =
     return Plan(acquire=tuple(s for s in order if s in free and s not in held)[:wanted])
 
 
-def shard_lease_name(prefix: str, shard: int, shards: int) -> str:
-    return f"{prefix}-shard-{shard}-of-{shards}"
+def shard_lease_name(prefix: str, shard: int) -> str:
+    """The same name whatever the shard count (the count is a label): replicas configured with different
+    counts reach for the same shard 0, and its compare-and-swap decides which count runs."""
+    return f"{prefix}-shard-{shard}"
 
 
 def member_lease_name(prefix: str, identity: str) -> str:

@@ -113,7 +113,8 @@ class Registry:
         self.failures: dict[str, int] = {}  # consecutive failures per task, for backoff
         self._finalizing: set[str] = set()
         self._deleted: set[str] = set()  # deleted tasks whose runner is still stopping
-        self._background: dict[asyncio.Task[Any], int] = {}  # -> the shard it works for
+        # -> the shard it works for, and the task it works on
+        self._background: dict[asyncio.Task[Any], tuple[int, dict[str, Any]]] = {}
         self._closing = False
 
     def backoff(self, uid: str) -> float:
@@ -217,7 +218,13 @@ class Registry:
         if task.cancelled():
             error = asyncio.CancelledError("the runner was cancelled without a stop reason")
         if isinstance(error, fencing.LeaseLost):
+            log.info(
+                "work refused: this replica no longer leads the task's shard", task=body["metadata"]["name"]
+            )
             self.parked[uid] = runner.body  # its shard is led elsewhere now
+            if self.ownership.leads(self.shard(body)) and not self._closing:  # ...or again, already
+                meta = body["metadata"]
+                self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
             return
         if error is None:
             self.completed[uid] = key
@@ -276,6 +283,8 @@ class Registry:
         except Exception as e:
             if is_not_found(e):
                 return
+            if isinstance(e, fencing.LeaseLost):
+                return  # the shard's next leader finalizes it (its task is parked or re-read there)
             self.failures[uid] = self.failures.get(uid, 0) + 1
             delay = self.backoff(uid)
             log.error("finalizing failed; will try again", task=meta["name"], error=str(e), retry_in=delay)
@@ -304,7 +313,7 @@ class Registry:
                 await coro
 
         task = asyncio.get_running_loop().create_task(fenced())
-        self._background[task] = shard
+        self._background[task] = (shard, body)
         task.add_done_callback(lambda t: self._background.pop(t, None))
 
     async def shard_acquired(self, shard: int) -> None:
@@ -315,20 +324,32 @@ class Registry:
                 meta = body["metadata"]
                 self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
 
-    async def shard_lost(self, shard: int) -> None:
+    async def shard_lost(self, shard: int) -> bool:
         """Another replica leads the shard (or will): its runners stop as on operator exit, their
-        scripts left running for the next leader to follow; its tasks are parked."""
-        stopping = [r for r in self.running.values() if r.shard == shard]
-        for running in stopping:
+        scripts left running for the next leader to follow; its tasks are parked. True once every piece
+        of its work has stopped (runners, the runners they replace, background work), within
+        STOP_WAIT_SECONDS."""
+        work: list[asyncio.Task[Any]] = []
+        for running in [r for r in self.running.values() if r.shard == shard]:
             self.parked[running.runner.body["metadata"]["uid"]] = running.runner.body
-            running.stop(StopReason.SHUTDOWN)
-        for task, of in list(self._background.items()):
+            chain: Running | None = running
+            while chain is not None:
+                chain.stop(StopReason.SHUTDOWN)
+                work.append(chain.task)
+                chain = chain.previous
+        for task, (of, body) in list(self._background.items()):
             if of == shard:
+                if _needs_work(body):
+                    self.parked.setdefault(body["metadata"]["uid"], body)
                 task.cancel()
-        tasks = [r.task for r in stopping]
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
-        log.info("shard's tasks handed over", shard=shard, runners=len(stopping))
+                work.append(task)
+        pending: set[asyncio.Task[Any]] = set()
+        if work:
+            _, pending = await asyncio.wait(work, timeout=STOP_WAIT_SECONDS)
+        log.info(
+            "shard's tasks handed over", shard=shard, stopped=len(work) - len(pending), still=len(pending)
+        )
+        return not pending
 
     async def close(self) -> None:
         """Operator shutdown: stop following, but leave the scripts running (followed after restart)."""

@@ -87,7 +87,7 @@ async def _operator_pods(core: client.CoreV1Api, count: int = 2) -> list[Any] | 
 
 async def _leader(api: client.ApiClient) -> str:
     """The operator pod holding the (only) shard lease: its identity is `<pod name>_<random>`."""
-    lease = await client.CoordinationV1Api(api).read_namespaced_lease("pythontask-shard-0-of-1", NAMESPACE)
+    lease = await client.CoordinationV1Api(api).read_namespaced_lease("pythontask-shard-0", NAMESPACE)
     return str(lease.spec.holder_identity or "").rpartition("_")[0]
 
 
@@ -154,7 +154,8 @@ async def _run_a_task_in_cluster(
         async def standby_leads() -> bool:
             return await _leader(api) == standby
 
-        await eventually(standby_leads, within=60, what=f"{standby} to take the lease over")
+        # Within seconds, not a lease duration (15 s): the exiting leader released its lease.
+        await eventually(standby_leads, within=10, what=f"{standby} to take the lease over")
         await tasks.create("again", {"target": {"podName": "target"}, "script": {"inline": script}})
         status = await tasks.wait_status("again", within=120)
         assert (status["phase"], status.get("exitCode")) == ("Succeeded", 0), status

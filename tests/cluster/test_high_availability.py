@@ -1,6 +1,7 @@
 """Several operator processes against the real apiserver: one leader per shard, a standby that takes
-over from a killed or paused leader and follows its script to the result, a paused leader that comes
-back and writes nothing, and tasks split over three shards run exactly once while a replica dies.
+over from a killed or paused leader and follows its running script to the result, a paused leader that
+comes back and sends nothing (the apiserver's audit log is the witness), and tasks split over three
+shards run exactly once while a replica dies.
 
 The replicas run with the default lease timing (15 s duration, 10 s renew deadline, 2 s retry)."""
 
@@ -15,6 +16,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from pythontask.leases import Timing, member_lease_name, shard_lease_name
+from pythontask.leases import Timing, shard_lease_name
 from support.cluster import ROOT, Cluster
 from support.operator import OperatorProcess, free_port
 from support.pods import ready_pod
@@ -32,22 +34,27 @@ from support.waiting import eventually
 LEASES_NS = "pythontask-system"
 TIMING = Timing()
 LOGS = ROOT / ".local/logs/ha"
+DEFAULT_LEASE = {
+    "PYTHONTASK_LEASE_DURATION_SECONDS": str(TIMING.lease_duration),
+    "PYTHONTASK_RENEW_DEADLINE_SECONDS": str(TIMING.renew_deadline),
+    "PYTHONTASK_RETRY_PERIOD_SECONDS": str(TIMING.retry_period),
+}
 
 
 class Replicas:
-    """Operator processes with their own identities; all stopped at the end."""
+    """Operator processes with their own names; all stopped at the end."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.started: list[OperatorProcess] = []
 
-    def start(self, identity: str, shards: int = 1) -> OperatorProcess:
+    def start(self, name: str, shards: int = 1) -> OperatorProcess:
         port = free_port()
         process = OperatorProcess(
             self.cluster,
             LOGS,
-            {"PYTHONTASK_SHARDS": str(shards), "PYTHONTASK_METRICS_PORT": str(port)},
-            identity=f"{identity}-{uuid.uuid4().hex[:4]}",
+            {**DEFAULT_LEASE, "PYTHONTASK_SHARDS": str(shards), "PYTHONTASK_METRICS_PORT": str(port)},
+            name=f"{name}-{uuid.uuid4().hex[:4]}",
         )
         process.metrics_port = port  # type: ignore[attr-defined]
         process.start()
@@ -70,10 +77,10 @@ def replicas(restartable_operator: OperatorProcess) -> Iterator[Replicas]:
     group.stop_all()
 
 
-async def holder(api: client.ApiClient, shard: int, shards: int) -> str:
+async def holder(api: client.ApiClient, shard: int) -> str:
     try:
         lease = await client.CoordinationV1Api(api).read_namespaced_lease(
-            shard_lease_name("pythontask", shard, shards), LEASES_NS
+            shard_lease_name("pythontask", shard), LEASES_NS
         )
     except ApiException as e:
         if e.status == 404:
@@ -82,14 +89,14 @@ async def holder(api: client.ApiClient, shard: int, shards: int) -> str:
     return str(lease.spec.holder_identity or "")
 
 
-async def wait_holder(api: client.ApiClient, shard: int, shards: int, identity: str, within: float) -> float:
-    """Seconds until `identity` holds the shard's lease (polled every 0.1 s)."""
+async def wait_holder(api: client.ApiClient, shard: int, process: OperatorProcess, within: float) -> float:
+    """Seconds until `process` holds the shard's lease (polled every 0.1 s)."""
     began = time.monotonic()
 
     async def holds() -> bool:
-        return await holder(api, shard, shards) == identity
+        return process.holds(await holder(api, shard))
 
-    await eventually(holds, within=within, what=f"{identity} to hold shard {shard}", interval=0.1)
+    await eventually(holds, within=within, what=f"{process.name} to hold shard {shard}", interval=0.1)
     return time.monotonic() - began
 
 
@@ -117,28 +124,46 @@ def finished(process: OperatorProcess) -> list[tuple[str, str]]:
 
 
 def counted_sleep(ledger: Path, seconds: float) -> str:
-    """Appends its task and attempt to the ledger when it starts (O_APPEND: whole lines), then sleeps."""
+    """Appends its task to the ledger when it starts (O_APPEND: whole lines), sleeps, then leaves a
+    `<ledger>.<task>.done` file."""
     return (
         "import os, time\n"
+        "task = os.environ['PYTHONTASK_NAMESPACE'] + '/' + os.environ['PYTHONTASK_TASK']\n"
         f"with open({str(ledger)!r}, 'a') as f:\n"
-        "    f.write(os.environ['PYTHONTASK_NAMESPACE'] + '/' + os.environ['PYTHONTASK_TASK'] + '\\n')\n"
+        "    f.write(task + '\\n')\n"
         "print('started', flush=True)\n"
         f"time.sleep({seconds})\n"
         "print('done')\n"
+        f"open({str(ledger)!r} + '.' + os.environ['PYTHONTASK_TASK'] + '.done', 'w').close()\n"
     )
 
 
-async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
+def sent_by(cluster: Cluster, process: OperatorProcess, since: datetime) -> list[str]:
+    """Every write or exec the apiserver received from `process` (its User-Agent) after `since`."""
+    sent = []
+    for line in cluster.audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        if f"pythontask-operator/{process.name}_" not in entry.get("userAgent", ""):
+            continue
+        received = datetime.fromisoformat(entry["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if received >= since and entry.get("stage") == "ResponseComplete":
+            ref = entry.get("objectRef", {})
+            sent.append(
+                f"{entry['verb']} {ref.get('resource')}/{ref.get('subresource', '')} {ref.get('name')}"
+            )
+    return sent
+
+
+async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_running_script(
     api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient, replicas: Replicas, tmp_path: Path
 ) -> None:
     leader = replicas.start("leader")
-    await wait_holder(api, 0, 1, leader.identity, within=10)
+    await wait_holder(api, 0, leader, within=30)  # a lease left by another test may have to expire
     standby = replicas.start("standby")
     await ready_pod(core, tasks.namespace)
     ledger = tmp_path / "ledger"
-    await tasks.create(
-        "nightly", {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 8)}}
-    )
+    spec = {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 30)}}
+    await tasks.create("nightly", spec)
     await eventually(lambda: _exists(ledger), within=30, what="the script to start")
     assert mentions(leader, "attempt starting", "nightly")
     assert not mentions(standby, "nightly")  # warm, but acting on nothing
@@ -146,9 +171,10 @@ async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
     assert not leads_by_metrics(standby, 0)
 
     leader.kill()
-    takeover = await wait_holder(api, 0, 1, standby.identity, within=TIMING.lease_duration + 10)
+    takeover = await wait_holder(api, 0, standby, within=TIMING.lease_duration + 10)
     print(f"takeover after SIGKILL: {takeover:.1f}s (lease duration {TIMING.lease_duration:g}s)")
     assert takeover <= TIMING.lease_duration + 2, f"takeover took {takeover:.1f}s"
+    assert not Path(f"{ledger}.nightly.done").exists()  # the script was still running at the takeover
 
     status = await tasks.wait_status("nightly", within=60)
     assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
@@ -158,27 +184,41 @@ async def test_a_standby_takes_over_from_a_killed_leader_and_follows_its_script(
     assert leads_by_metrics(standby, 0)
 
 
-async def test_a_paused_leader_comes_back_writes_nothing_and_steps_down(
-    api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient, replicas: Replicas, tmp_path: Path
+async def test_a_paused_leader_comes_back_sends_nothing_and_steps_down(
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    tasks: TaskClient,
+    replicas: Replicas,
+    cluster: Cluster,
+    tmp_path: Path,
 ) -> None:
     old = replicas.start("old")
-    await wait_holder(api, 0, 1, old.identity, within=10)
+    await wait_holder(api, 0, old, within=30)
     new = replicas.start("new")
     await ready_pod(core, tasks.namespace)
     ledger = tmp_path / "ledger"
-    # Still running when the standby takes over; done before the old leader comes back.
-    await tasks.create(
-        "cut-off", {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 20)}}
-    )
-    await eventually(lambda: _exists(ledger), within=30, what="the script to start")
+    # Silent scripts that end while the old leader is paused, each with its result waiting on the old
+    # leader's stream: it comes back with stale results to write and silent streams to follow again.
+    began = datetime.now(UTC)
+    names = [f"cut-off-{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        spec = {"target": {"podName": "worker"}, "script": {"inline": counted_sleep(ledger, 14 + i % 6)}}
+        await tasks.create(name, spec)
+
+    async def all_started() -> bool:
+        return ledger.exists() and len(ledger.read_text().splitlines()) == len(names)
+
+    await eventually(all_started, within=60, what="the scripts to start")
 
     os.kill(old.pid, signal.SIGSTOP)  # a partition, a long GC pause: the process sees nothing of it
     try:
-        await wait_holder(api, 0, 1, new.identity, within=TIMING.lease_duration + 10)
-        status = await tasks.wait_status("cut-off", within=60)
-        assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
-        await tasks.events("cut-off", at_least=1)
-        before = await _footprint(api, core, tasks)
+        await wait_holder(api, 0, new, within=TIMING.lease_duration + 10)
+        for name in names:
+            status = await tasks.wait_status(name, within=60)
+            assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
+            await tasks.events(name, at_least=1)
+        before = await _footprint(core, tasks, names)
+        resumed = datetime.now(UTC)
     finally:
         os.kill(old.pid, signal.SIGCONT)
 
@@ -187,35 +227,38 @@ async def test_a_paused_leader_comes_back_writes_nothing_and_steps_down(
 
     await eventually(stepped_down, within=30, what="the old leader to step down")
     assert mentions(old, "shard lost: stepping down")
-    # Give a wrongly-acting old leader every chance to show itself: two more of its election rounds
-    # (its member lease renewed twice).
+    # Two more of its election rounds (its member lease renewed twice): a stale write would be out.
     await _member_renewals(api, old, 2)
-    after = await _footprint(api, core, tasks)
-    assert after == before  # not one write: the task's resourceVersion and its Events are unchanged
-    assert ledger.read_text().splitlines() == [f"{tasks.namespace}/cut-off"]
-    assert await holder(api, 0, 1) == new.identity
+    assert sent_by(cluster, old, resumed) == []  # not a write, not an exec: refused before sending
+    assert any("pythontasks/status" in w for w in sent_by(cluster, new, began))  # the witness sees writes
+    assert await _footprint(core, tasks, names) == before  # the tasks' resourceVersions and Events
+    assert sorted(ledger.read_text().splitlines()) == sorted(f"{tasks.namespace}/{n}" for n in names)
+    assert new.holds(await holder(api, 0))
 
 
-async def _footprint(api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient) -> Any:
-    task = await tasks.get("cut-off")
+async def _footprint(core: client.CoreV1Api, tasks: TaskClient, names: list[str]) -> Any:
+    versions = [(await tasks.get(name))["metadata"]["resourceVersion"] for name in names]
     events = await core.list_namespaced_event(tasks.namespace)
-    return task["metadata"]["resourceVersion"], sorted(
-        (e.metadata.name, e.metadata.resource_version, e.count) for e in events.items
-    )
+    return versions, sorted((e.metadata.name, e.metadata.resource_version, e.count) for e in events.items)
 
 
 async def _member_renewals(api: client.ApiClient, process: OperatorProcess, renewals: int) -> None:
     leases = client.CoordinationV1Api(api)
-    name = member_lease_name("pythontask", process.identity)
-    seen = {(await leases.read_namespaced_lease(name, LEASES_NS)).metadata.resource_version}
+
+    async def version() -> str:
+        listing = await leases.list_namespaced_lease(
+            LEASES_NS, label_selector="pythontask.dev/lease-role=member"
+        )
+        [mine] = [lease for lease in listing.items if process.holds(lease.spec.holder_identity or "")]
+        return str(mine.metadata.resource_version)
+
+    seen = {await version()}
 
     async def renewed() -> bool:
-        seen.add((await leases.read_namespaced_lease(name, LEASES_NS)).metadata.resource_version)
+        seen.add(await version())
         return len(seen) > renewals
 
-    await eventually(
-        renewed, within=10 * TIMING.retry_period, what=f"{renewals} renewals by {process.identity}"
-    )
+    await eventually(renewed, within=10 * TIMING.retry_period, what=f"{renewals} renewals by {process.name}")
 
 
 async def _exists(path: Path) -> bool:
@@ -247,8 +290,9 @@ async def test_three_shards_split_the_tasks_and_move_when_a_replica_dies(
 
     async def one_shard_each() -> dict[int, str] | None:
         # Replicas starting together may first take more than their share; they hand the rest back.
-        owners = {shard: await holder(api, shard, 3) for shard in range(3)}
-        return owners if sorted(owners.values()) == sorted(p.identity for p in group) else None
+        owners = {shard: await holder(api, shard) for shard in range(3)}
+        named = {s: next((p for p in group if p.holds(h)), None) for s, h in owners.items()}
+        return named if sorted(p.name for p in named.values() if p) == sorted(p.name for p in group) else None
 
     owners = await eventually(one_shard_each, within=60, what="one shard for each replica")
 
@@ -266,7 +310,7 @@ async def test_three_shards_split_the_tasks_and_move_when_a_replica_dies(
     statuses = await asyncio.gather(*(c.wait_status(name, within=240) for c, name in first))
     assert all(s["phase"] == "Succeeded" for s in statuses)
     wanted = {(c.namespace, name) for c, name in first}
-    load = Counter(p.identity for p in group for task in finished(p) if task in wanted)
+    load = Counter(p.name for p in group for task in finished(p) if task in wanted)
     print(f"tasks per replica: {dict(load)}")
     assert sum(load.values()) == 150
     assert len(load) == 3
@@ -287,11 +331,11 @@ async def test_three_shards_split_the_tasks_and_move_when_a_replica_dies(
     await eventually(some_started, within=120, what="30 tasks of the second wave to start")
     victim = group[2]
     victim.kill()
-    [lost_shard] = [s for s, who in owners.items() if who == victim.identity]
-    survivors = {p.identity for p in group[:2]}
+    [lost_shard] = [s for s, who in owners.items() if who is victim]
 
     async def moved() -> bool:
-        return await holder(api, lost_shard, 3) in survivors
+        now = await holder(api, lost_shard)
+        return any(p.holds(now) for p in group[:2])
 
     await eventually(moved, within=TIMING.lease_duration + 15, what=f"shard {lost_shard} to move")
     statuses = await asyncio.gather(*(c.wait_status(name, within=300) for c, name in second))

@@ -40,6 +40,11 @@ class Cluster:
             )
         return result
 
+    @property
+    def audit_log(self) -> Path:
+        """The apiserver's audit log (policy: hack/kwok/audit-policy.yaml): writes and execs."""
+        return ROOT / ".local/kwok/clusters" / self.name / "logs/audit.log"
+
 
 def cluster_env(name: str, kubeconfig: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONTASK_CLUSTER_NAME": name, "PYTHONTASK_KUBECONFIG_OUT": str(kubeconfig)}

@@ -20,28 +20,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A single operator that tests kill and restart: a short lease, so that a restarted process (a new
+# identity) takes over in seconds. Tests of several replicas use the defaults (15 s / 10 s / 2 s).
+SHORT_LEASE = {
+    "PYTHONTASK_LEASE_DURATION_SECONDS": "4",
+    "PYTHONTASK_RENEW_DEADLINE_SECONDS": "3",
+    "PYTHONTASK_RETRY_PERIOD_SECONDS": "1",
+}
+
+
 class OperatorProcess:
-    """One operator process. Its lease identity stays the same across restarts (default: the name of its
-    log directory), so a restart after a kill takes its shards back at once instead of waiting a lease
-    duration; a test of several replicas gives each its own identity."""
+    """One operator process, named `name` (default: its log directory's) in the leases; each start is a
+    new process and so a new lease identity, `<name>_<random>`, as in production."""
 
     def __init__(
         self,
         cluster: Cluster,
         log_dir: Path,
         extra_env: dict[str, str] | None = None,
-        identity: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.log_dir = log_dir
-        self.identity = identity or f"test-{log_dir.name}"
-        self.extra_env = {"PYTHONTASK_IDENTITY": self.identity, **(extra_env or {})}
+        self.name = name or f"test-{log_dir.name}"
+        self.extra_env = {**SHORT_LEASE, "PYTHONTASK_IDENTITY": self.name, **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.identity}-{self.starts}.log"
+        return self.log_dir / f"operator-{self.name}-{self.starts}.log"
+
+    def holds(self, holder: str) -> bool:
+        """Whether a lease holder identity is this process's (name and random tail)."""
+        return holder.startswith(self.name + "_")
 
     @property
     def running(self) -> bool:

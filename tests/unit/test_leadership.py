@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from pythontask.leadership import ROLE_LABEL, SHARDS_LABEL, Conflict, Leadership
+from pythontask.leadership import ROLE_LABEL, SHARDS_LABEL, Conflict, Leadership, process_identity
 from pythontask.leases import (
     LeaseRecord,
     Observations,
@@ -43,11 +43,13 @@ class MemoryLeases:
         self.writes = 0
 
     async def list(self) -> list[LeaseRecord]:
+        await asyncio.sleep(0)  # a request: other replicas' rounds may run meanwhile
         return list(self.leases.values())
 
     async def write(
         self, name: str, labels: dict[str, str], holder: str, transitions: int, previous: LeaseRecord | None
     ) -> LeaseRecord:
+        await asyncio.sleep(0)
         current = self.leases.get(name)
         if (previous is None) != (current is None) or (
             previous is not None
@@ -69,6 +71,7 @@ class MemoryLeases:
         return record
 
     async def delete(self, record: LeaseRecord) -> None:
+        await asyncio.sleep(0)
         current = self.leases.get(record.name)
         if current is not None and current.resource_version != record.resource_version:
             raise Conflict(record.name)
@@ -80,10 +83,17 @@ def replica(store: MemoryLeases, clock: Clock, name: str, shards: int = 1, **kw:
 
 
 async def rounds(replicas: list[Leadership], clock: Clock, seconds: float, step: float = 1.0) -> None:
+    """Every replica's round, concurrently (their requests interleave), then time moves on."""
     for _ in range(int(seconds / step)):
-        for r in replicas:
-            await r.tick()
+        await asyncio.gather(*(r.tick() for r in replicas))
+        await settle()
         clock.now += step
+
+
+async def settle() -> None:
+    """Lets background work (a shard's work stopping, a lease handed back) finish."""
+    for _ in range(10):
+        await asyncio.sleep(0)
 
 
 def leaders(replicas: list[Leadership], shard: int) -> list[str]:
@@ -153,15 +163,16 @@ async def test_a_standby_takes_over_a_lease_duration_after_the_leader_stops_rene
         assert not a.leads(0) or clock.now < died + TIMING.renew_deadline
         assert clock.now - died <= TIMING.lease_duration + TIMING.retry_period
     assert clock.now - died >= TIMING.lease_duration - TIMING.retry_period
-    assert store.leases[shard_lease_name("pythontask", 0, 1)].transitions == 1
+    assert store.leases[shard_lease_name("pythontask", 0)].transitions == 1
 
 
 async def test_a_paused_leader_comes_back_as_a_follower() -> None:
     store, clock = MemoryLeases(), Clock()
     lost: list[int] = []
 
-    async def on_lost(shard: int) -> None:
+    async def on_lost(shard: int) -> bool:
         lost.append(shard)
+        return True
 
     a, b = replica(store, clock, "a", on_lost=on_lost), replica(store, clock, "b")
     await rounds([a, b], clock, 4)
@@ -213,10 +224,9 @@ async def test_closing_releases_the_leases_after_stopping_the_work() -> None:
     store, clock = MemoryLeases(), Clock()
     order: list[str] = []
 
-    async def on_lost(shard: int) -> None:
-        order.append(
-            f"stopped {shard}; holder {store.leases[shard_lease_name('pythontask', shard, 1)].holder}"
-        )
+    async def on_lost(shard: int) -> bool:
+        order.append(f"stopped {shard}; holder {store.leases[shard_lease_name('pythontask', shard)].holder}")
+        return True
 
     a, b = replica(store, clock, "a", on_lost=on_lost), replica(store, clock, "b")
     await rounds([a, b], clock, 4)
@@ -226,34 +236,155 @@ async def test_closing_releases_the_leases_after_stopping_the_work() -> None:
     assert b.leads(0)  # no lease duration to wait: a released it
 
 
-@settings(max_examples=60, deadline=None)
+def check_one_leader(replicas: list[Leadership]) -> None:
+    """At most one replica leads each shard, and replicas of different shard counts never lead at once
+    (two partitions of the same tasks would give a task two leaders)."""
+    leading = [r for r in replicas if r.leading()]
+    assert len({r.shards for r in leading}) <= 1, [(r.identity, r.shards, r.leading()) for r in leading]
+    for shard in range(max((r.shards for r in replicas), default=1)):
+        assert len(leaders(replicas, shard)) <= 1, (shard, leaders(replicas, shard))
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    shards=hs.integers(1, 4),
+    counts=hs.lists(hs.integers(1, 3), min_size=2, max_size=3),
     schedule=hs.lists(
-        hs.tuples(hs.integers(0, 2), hs.sampled_from(["tick", "wait", "pause"]), hs.floats(0.1, 6.0)),
+        hs.tuples(hs.sets(hs.integers(0, 2), min_size=1), hs.floats(0.05, 6.0)),
         min_size=5,
         max_size=80,
     ),
 )
-def test_no_schedule_gives_a_shard_two_leaders(shards: int, schedule: list[tuple[int, str, float]]) -> None:
-    """Replicas tick, wait or pause (skip rounds for a while) in any order; time only moves forward. At
-    every instant each shard has at most one replica that believes it leads (and may write). And once
-    everyone ticks regularly again, every shard has a leader."""
+def test_no_schedule_gives_a_shard_two_leaders(
+    counts: list[int], schedule: list[tuple[set[int], float]]
+) -> None:
+    """Replicas (configured with the same or different shard counts) run their rounds concurrently in
+    any grouping, or are paused (left out) for a while; their requests interleave. At every instant each
+    shard has at most one leader and only one shard count leads. Once every replica of one count runs
+    regularly (the others gone), every shard has a leader."""
 
     async def play() -> None:
         store, clock = MemoryLeases(), Clock()
-        replicas = [replica(store, clock, name, shards=shards) for name in ("a", "b", "c")]
-        for who, what, seconds in schedule:
-            if what == "tick":
-                await replicas[who].tick()
-            clock.now += seconds if what != "tick" else 0.05
-            for shard in range(shards):
-                assert len(leaders(replicas, shard)) <= 1, (shard, leaders(replicas, shard))
-        await rounds(replicas, clock, 4 * TIMING.lease_duration, step=0.5)
-        for shard in range(shards):
-            assert len(leaders(replicas, shard)) == 1
+        replicas = [replica(store, clock, f"r{i}", shards=n) for i, n in enumerate(counts)]
+        for group, seconds in schedule:
+            await asyncio.gather(*(replicas[i].tick() for i in group if i < len(replicas)))
+            await settle()
+            check_one_leader(replicas)
+            clock.now += seconds
+            check_one_leader(replicas)
+        survivors = [r for r in replicas if r.shards == counts[0]]
+        for gone in replicas:
+            if gone not in survivors:
+                await gone.close()
+        await rounds(survivors, clock, 4 * TIMING.lease_duration, step=0.5)
+        for shard in range(counts[0]):
+            assert len(leaders(survivors, shard)) == 1
 
     asyncio.run(play())
+
+
+async def test_a_paused_leader_of_another_shard_count_comes_back_as_nobody() -> None:
+    store, clock = MemoryLeases(), Clock()
+    old, new = replica(store, clock, "old", shards=1), replica(store, clock, "new", shards=3)
+    await rounds([old, new], clock, 6)
+    assert old.leading() == [0]
+    assert new.leading() == []
+    for _ in range(40):  # old is SIGSTOPped for 20 s: new takes shard 0, then the others
+        await rounds([new], clock, 0.5, step=0.5)
+        check_one_leader([old, new])
+    assert new.leading() == [0, 1, 2]
+    await rounds([old, new], clock, 10)  # SIGCONT: its renewal of shard 0 is a conflict
+    check_one_leader([old, new])
+    assert old.leading() == []
+    assert new.leading() == [0, 1, 2]
+
+
+async def test_a_rollout_changing_the_shard_count_never_has_two_counts_leading() -> None:
+    store, clock = MemoryLeases(), Clock()
+    leader, standby = replica(store, clock, "old-1", shards=1), replica(store, clock, "old-2", shards=1)
+    await rounds([leader, standby], clock, 6)
+    new = replica(store, clock, "new-1", shards=3)
+    await rounds([leader, standby, new], clock, 4)
+    await leader.close()  # the rollout ends the leader; its standby and the new replica race for shard 0
+    for _ in range(30):
+        await rounds([standby, new], clock, 0.5, step=0.5)
+        check_one_leader([standby, new])
+    assert bool(standby.leading()) != bool(new.leading())
+    await standby.close()
+    await rounds([new], clock, 6)
+    assert new.leading() == [0, 1, 2]
+
+
+async def test_a_renewal_answered_after_the_deadline_is_a_loss_then_a_fresh_acquisition() -> None:
+    store, clock = MemoryLeases(), Clock()
+    events: list[str] = []
+
+    async def acquired(shard: int) -> None:
+        events.append(f"acquired {shard}")
+
+    async def lost(shard: int) -> bool:
+        events.append(f"lost {shard}")
+        return True
+
+    a = replica(store, clock, "a", on_acquired=acquired, on_lost=lost)
+    await rounds([a], clock, 2)
+    slow = store.write
+
+    late = [True]
+
+    async def late_answer(*args: Any) -> LeaseRecord:
+        record = await slow(*args)
+        if args[1][ROLE_LABEL] == "shard" and late and late.pop():
+            clock.now += TIMING.renew_deadline  # the renewal's answer arrives after the deadline
+        return record
+
+    store.write = late_answer  # type: ignore[method-assign]
+    await a.tick()
+    await settle()
+    store.write = slow  # type: ignore[method-assign]
+    await rounds([a], clock, 4)
+    assert a.leads(0)
+    assert events == ["acquired 0", "lost 0", "acquired 0"]  # taking it again re-reads its tasks
+
+
+async def test_a_failed_list_right_after_acquiring_is_not_a_loss() -> None:
+    store, clock = Flaky(), Clock()
+    lost: list[int] = []
+
+    async def on_lost(shard: int) -> bool:
+        lost.append(shard)
+        return True
+
+    dead = replica(store, clock, "dead")
+    await rounds([dead], clock, 2)
+    b = replica(store, clock, "b", on_lost=on_lost)
+    await rounds([b], clock, TIMING.lease_duration + 2)
+    assert b.leads(0)
+    store.fail_lists = True
+    await rounds([b], clock, 4)
+    assert lost == []
+    assert b.leads(0)
+
+
+def test_two_processes_given_the_same_name_are_two_identities() -> None:
+    assert process_identity("worker-0") != process_identity("worker-0")
+
+
+async def test_two_processes_with_the_same_name_never_both_lead() -> None:
+    store, clock = MemoryLeases(), Clock()
+    first, second = (replica(store, clock, process_identity("same")) for _ in range(2))
+    await rounds([first, second], clock, 30)
+    assert len(leaders([first, second], 0)) == 1
+
+
+async def test_replicas_starting_together_do_not_grab_every_shard_first() -> None:
+    store, clock = MemoryLeases(), Clock()
+    replicas = [replica(store, clock, name, shards=3) for name in ("a", "b", "c")]
+    most = 0
+    for _ in range(20):
+        await rounds(replicas, clock, 0.5, step=0.5)
+        most = max(most, *(len(r.held) for r in replicas))
+    assert most == 1
+    assert sorted(len(r.leading()) for r in replicas) == [1, 1, 1]
 
 
 class Flaky(MemoryLeases):
@@ -284,7 +415,7 @@ async def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease() -> None
     store.lose_answers = 1
     await rounds([a], clock, 6)  # the next renewal carries a stale version: 409, then the lease is ours
     assert a.leads(0)
-    assert store.leases[shard_lease_name("pythontask", 0, 1)].holder == "a"
+    assert store.leases[shard_lease_name("pythontask", 0)].holder == "a"
 
 
 async def test_leases_are_renewed_even_when_listing_them_fails() -> None:
@@ -294,3 +425,15 @@ async def test_leases_are_renewed_even_when_listing_them_fails() -> None:
     store.fail_lists = True
     await rounds([a], clock, 30)
     assert a.leads(0)
+
+
+async def test_a_shard_whose_work_did_not_stop_is_not_released() -> None:
+    store, clock = MemoryLeases(), Clock()
+
+    async def will_not_stop(shard: int) -> bool:
+        return False
+
+    a = replica(store, clock, "a", on_lost=will_not_stop)
+    await rounds([a], clock, 2)
+    await a.close()
+    assert store.leases[shard_lease_name("pythontask", 0)].holder == "a"  # it expires instead

@@ -33,6 +33,7 @@ class Recording(Registry):
 class Stub:
     def __init__(self, generation: int) -> None:
         self.generation, self.token, self.task, self.stopped = generation, "", object(), ""
+        self.previous = None
 
     def stop(self, reason: Any) -> None:
         self.stopped = str(reason)
@@ -224,3 +225,17 @@ async def test_a_shard_back_before_its_runner_stopped_gets_its_task_taken_up_aga
         return registry.started == [(1, "new")]
 
     await eventually(started, within=5, what="the task taken up again")
+
+
+async def test_a_shard_whose_work_will_not_stop_is_not_reported_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry_module, "STOP_WAIT_SECONDS", 0.2)
+    registry = Recording()
+    registry.ownership = Shards({1})
+    body = task_in_shard(1, "stuck")
+    registry.observe("ADDED", body)
+    stub = registry.running[body["metadata"]["uid"]]
+    stub.shard, stub.runner = 1, SimpleNamespace(body=body)  # type: ignore[attr-defined]
+    stub.task = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]  # never done
+    assert await registry.shard_lost(1) is False  # so its lease is left to expire, not released
