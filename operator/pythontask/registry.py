@@ -46,6 +46,7 @@ BACKOFF_INITIAL_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
 # A shard that is handed back waits this long for its runners to stop; its fence is closed already.
 STOP_WAIT_SECONDS = 10.0
+REREADS_AT_ONCE = 32
 log = structlog.get_logger(__name__)
 
 
@@ -116,6 +117,7 @@ class Registry:
         # -> the shard it works for, and the task it works on
         self._background: dict[asyncio.Task[Any], tuple[int, dict[str, Any]]] = {}
         self._closing = False
+        self._rereads = asyncio.Semaphore(REREADS_AT_ONCE)
 
     def backoff(self, uid: str) -> float:
         failures = self.failures.get(uid, 0)
@@ -133,6 +135,9 @@ class Registry:
                 self.parked[uid] = body
             else:
                 self.parked.pop(uid, None)
+            if event_type == "DELETED":
+                self.completed.pop(uid, None)
+                self.failures.pop(uid, None)
             return
         self.parked.pop(uid, None)
         if event_type == "DELETED":
@@ -246,9 +251,11 @@ class Registry:
         await asyncio.sleep(delay)
         body = {"metadata": {"namespace": namespace, "name": name, "uid": uid}}
         try:
-            body = await self.ctx.tasks.get(namespace, name)
+            async with self._rereads:  # a shard taken over re-reads its tasks a few at a time
+                body = await self.ctx.tasks.get(namespace, name)
         except Exception as e:
             if is_not_found(e):
+                self.parked.pop(uid, None)
                 return
             self.failures[uid] = self.failures.get(uid, 0) + 1
             log.error("cannot read task", task=name, namespace=namespace, error=str(e))

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import web
 from kubernetes_asyncio import client
 
 from pythontask import exec_client, fencing
@@ -83,3 +84,36 @@ async def test_the_fence_follows_the_work_into_the_tasks_it_starts() -> None:
         await asyncio.get_running_loop().create_task(child())
     await asyncio.get_running_loop().create_task(child())  # created outside: no fence, not strict
     assert seen == ["refused", "sent"]
+
+
+async def test_a_fence_lost_while_the_exec_connected_stops_it_before_any_stdin() -> None:
+    """Connecting can take seconds: the fence is checked again once the websocket is open."""
+    received: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=["v5.channel.k8s.io"])
+        await ws.prepare(request)
+        async for msg in ws:
+            received.append(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/ns/pods/p/exec", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    api = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}"))
+    answers = iter([True, False])  # leading when the exec starts, no longer once it is open
+    try:
+        with (
+            fencing.on_behalf_of(fencing.Fence("shard 0", lambda: next(answers))),
+            pytest.raises(fencing.LeaseLost),
+        ):
+            async with exec_client.open_exec(api, ExecTarget("ns", "p", "c"), ["true"]) as stream:
+                await stream.write_stdin(b"the operation")
+    finally:
+        await api.close()
+        await runner.cleanup()
+    assert received == []

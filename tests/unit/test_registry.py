@@ -239,3 +239,25 @@ async def test_a_shard_whose_work_will_not_stop_is_not_reported_stopped(
     stub.shard, stub.runner = 1, SimpleNamespace(body=body)  # type: ignore[attr-defined]
     stub.task = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]  # never done
     assert await registry.shard_lost(1) is False  # so its lease is left to expire, not released
+
+
+class GoneTasks:
+    async def get(self, namespace: str, name: str) -> dict[str, Any]:
+        raise ApiException(status=404, reason="Not Found")
+
+
+async def test_a_parked_task_found_gone_when_its_shard_is_taken_is_forgotten() -> None:
+    shards = Shards(set())
+    body = task_in_shard(1, "gone")
+    registry = Recording()
+    registry.ownership = shards
+    registry.ctx = SimpleNamespace(tasks=GoneTasks())  # type: ignore[assignment]
+    registry.observe("ADDED", body)
+    shards.led.add(1)
+    await registry.shard_acquired(1)
+
+    async def forgotten() -> bool:
+        return registry.parked == {}
+
+    await eventually(forgotten, within=5, what="the parked task forgotten")
+    assert registry.started == []
