@@ -392,9 +392,9 @@ class Bench:
             await asyncio.wait_for(watcher, 900)
             return n / (time.monotonic() - began)
         finally:
+            await self.delete_tasks()  # while the replicas run: a finalizer left by a last write is released
             for process in group:
                 process.stop()
-            await self.delete_tasks()
 
     # ---- 3 + 4. throughput and API cost ----------------------------------------------------------------
     async def raw_exec_rate(self, n: int) -> float:

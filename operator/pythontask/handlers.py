@@ -75,9 +75,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     registry: Registry = memo["registry"]
     leadership: Leadership = memo["leadership"]
     elector: asyncio.Task[None] = memo["elector"]
-    elector.cancel()
-    await asyncio.gather(elector, return_exceptions=True)  # no renewal or acquisition lands after close
-    await leadership.close()  # stops each shard's work, then releases its lease for a standby
+    # The election round in flight ends first (a request cancelled mid-way could land after the
+    # release); then each shard's work stops and its lease is released for a standby.
+    await leadership.close(running=not elector.done())
+    await asyncio.gather(elector, return_exceptions=True)
     await registry.close()
     await registry.ctx.pod_cache.close()
     await registry.ctx.janitor.close()

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -83,7 +83,7 @@ class Leadership:
         prefix: str = "pythontask",
         timing: Timing | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_acquired: Callable[[int], Awaitable[None]] | None = None,
+        on_acquired: Callable[[int], Coroutine[Any, Any, None]] | None = None,
         on_lost: Callable[[int], Coroutine[Any, Any, bool]] | None = None,
     ) -> None:
         if shards < 1:
@@ -105,6 +105,8 @@ class Leadership:
         self._waiting_for_others = False
         self._joined_at: float | None = None  # when a list first showed our member lease
         self._stopping: set[asyncio.Task[None]] = set()  # shards' work being stopped, leases handed back
+        self._renewing: set[int] = set()  # renewals in flight
+        self._done = asyncio.Event()  # run() has ended
 
     # -- what the rest of the operator asks ---------------------------------------------------------
 
@@ -121,13 +123,29 @@ class Leadership:
     # -- the loop ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The election: renewals on a timer of their own (a slow list or acquisition never delays
+        them), and rounds that look, keep membership and rebalance. Ends after close()."""
         with fencing.unfenced():  # lease writes are fenced by their own resourceVersion
-            while not self._closing:
-                try:
-                    await self.tick()
-                except Exception as e:  # the apiserver may be away: try again next round
-                    log.warning("lease round failed", error=f"{type(e).__name__}: {e}")
-                await asyncio.sleep(self.timing.retry_period / 2)
+            renewing = asyncio.get_running_loop().create_task(self._renew_loop())
+            try:
+                while not self._closing:
+                    try:
+                        await self.tick()
+                    except Exception as e:  # the apiserver may be away: try again next round
+                        log.warning("lease round failed", error=f"{type(e).__name__}: {e}")
+                    await asyncio.sleep(self.timing.retry_period / 2)
+            finally:
+                self._closing = True
+                await asyncio.gather(renewing, return_exceptions=True)
+                self._done.set()
+
+    async def _renew_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self._renew_all()
+            except Exception as e:
+                log.warning("lease renewal round failed", error=f"{type(e).__name__}: {e}")
+            await asyncio.sleep(self.timing.retry_period / 4)
 
     async def tick(self) -> None:
         """One round: look at the leases, renew ours, keep the member lease, then take or hand back
@@ -152,13 +170,10 @@ class Leadership:
             for shard in list(self.held):
                 self._lost(shard, "replicas with another shard count lead")
             return
-        if not self._anchored() and any(s != 0 for s in self.held):
-            for shard in [s for s in self.held if s != 0]:
-                self._lost(shard, "shard 0 is led with another shard count")
         await self._renew_all()
         try:
             await self._keep_membership()
-            await self._collect_dead_members()
+            await self._collect_dead_leases()
         except Exception as e:
             log.warning("member lease not kept", error=f"{type(e).__name__}: {e}")
         if self._closing:
@@ -184,10 +199,12 @@ class Leadership:
         for shard in acquire:
             await self._acquire(shard)
 
-    async def close(self) -> None:
+    async def close(self, *, running: bool = False) -> None:
         """Operator exiting: stop work on every shard, then release the leases so a standby need not
-        wait for them to expire."""
+        wait for them to expire. `running`: run() is going, and is let finish its round."""
         self._closing = True
+        if running:
+            await self._done.wait()  # the round in flight ends first: nothing lands after the release
         with fencing.unfenced():
             for shard in list(self.held):
                 self._hand_back(shard, why="operator exiting")
@@ -229,13 +246,20 @@ class Leadership:
         due = [
             (shard, held)
             for shard, held in self.held.items()
-            if self.clock() - held.sent_at >= self.timing.retry_period
+            if self.clock() - held.sent_at >= self.timing.retry_period and shard not in self._renewing
         ]
         await asyncio.gather(*(self._renew(shard, held) for shard, held in due))
         for shard in [s for s in self.held if not self.leads(s)]:
             self._lost(shard, "not renewed within the renew deadline")
 
     async def _renew(self, shard: int, held: Held) -> None:
+        self._renewing.add(shard)
+        try:
+            await self._renew_once(shard, held)
+        finally:
+            self._renewing.discard(shard)
+
+    async def _renew_once(self, shard: int, held: Held) -> None:
         sent = self.clock()
         try:
             record = await self._write(
@@ -259,13 +283,14 @@ class Leadership:
             return
         if shard not in self.held:
             return  # lost or handed back meanwhile
-        if not self.leads(shard):
-            # The answer came after our deadline: for a moment we were not leader, and work may have been
-            # refused and parked. A lapse is a loss; the next round takes the shard again (it is ours),
-            # and taking it re-reads its tasks.
-            self._lost(shard, "renewed only after the renew deadline")
-            return
+        lapsed = not self.leads(shard)
         self.held[shard] = Held(record, sent)
+        if lapsed and self.on_acquired is not None:
+            # The answer came after our deadline: for a moment we were not leader, and work refused then
+            # was parked. The lease stayed ours (nobody can take it sooner than its duration): keep it,
+            # and take the parked work up again.
+            log.warning("lease renewed after the renew deadline; resuming refused work", shard=shard)
+            self._background(self.on_acquired(shard))
 
     async def _read(self, name: str) -> LeaseRecord | None:
         with contextlib.suppress(Exception):
@@ -323,19 +348,27 @@ class Leadership:
         self._waiting_for_others = bool(others)
         return bool(others)
 
-    async def _collect_dead_members(self) -> None:
+    async def _collect_dead_leases(self) -> None:
+        """Member leases long unrenewed, and shard leases of another shard count that expired (a count no
+        longer in use), are deleted (compare-and-swap): no later process waits for them to expire."""
         now = self.clock()
         for r in list(self.records.values()):
-            if r.role != "member" or r.holder == self.identity:
+            if r.holder == self.identity:
                 continue
             _, since = self.observed.seen.get(r.name, ("", now))
-            if now - since >= 4 * r.duration:  # long dead: no member lease left behind for ever
+            if r.role == "member":
+                dead = now - since >= 4 * r.duration
+            else:
+                dead = r.role == "shard" and r.shards != self.shards and self.observed.expired(r, now)
+            if dead:
                 with contextlib.suppress(Exception):
                     await self.store.delete(r)
                 self.observed.forget(r.name)
                 self.records.pop(r.name, None)
 
     async def _acquire(self, shard: int) -> None:
+        if not self._free(shard):
+            return  # what we learned since planning (a look after another acquisition) says it is taken
         name = shard_lease_name(self.prefix, shard)
         current = self.records.get(name)
         transitions = (current.transitions + (current.holder != self.identity)) if current else 0
@@ -346,6 +379,8 @@ class Leadership:
             )
         except Conflict:
             return  # another replica was faster
+        if not await self._still_one_count(shard, record):
+            return
         if self._closing or self.clock() >= sent + self.timing.renew_deadline:
             return  # exiting, or answered too late to count: the next round takes it again (it is ours)
         self.held[shard] = Held(record, sent)
@@ -361,6 +396,27 @@ class Leadership:
         )
         if self.on_acquired is not None:
             await self.on_acquired(shard)
+
+    async def _still_one_count(self, shard: int, record: LeaseRecord) -> bool:
+        """A fresh look after winning a lease: two replicas of different counts that each won a
+        different lease (each list missing the other's write) cannot both see only their own count now,
+        since etcd orders the writes. One that sees another count live, or (for shard > 0) no anchor of
+        its own count, gives the lease back; both may, and the next rounds try again."""
+        try:
+            records = await self.store.list()
+        except Exception:
+            records = None
+        if records is not None:
+            now = self.clock()
+            for r in records:
+                self.records[r.name] = r
+                self.observed.see(r, now)
+            if not self._other_count_live() and (shard == 0 or self._anchored()):
+                return True
+        with contextlib.suppress(Exception):
+            await self.store.write(record.name, self._labels("shard", shard), "", record.transitions, record)
+        log.info("lease given back: another shard count is leading, or could be", shard=shard)
+        return False
 
     def _lost(self, shard: int, why: str) -> None:
         """Its fence is closed by now (or closes here); the shard's work is stopped off this loop, which

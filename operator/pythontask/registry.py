@@ -223,13 +223,7 @@ class Registry:
         if task.cancelled():
             error = asyncio.CancelledError("the runner was cancelled without a stop reason")
         if isinstance(error, fencing.LeaseLost):
-            log.info(
-                "work refused: this replica no longer leads the task's shard", task=body["metadata"]["name"]
-            )
-            self.parked[uid] = runner.body  # its shard is led elsewhere now
-            if self.ownership.leads(self.shard(body)) and not self._closing:  # ...or again, already
-                meta = body["metadata"]
-                self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
+            self._refused(runner.body)
             return
         if error is None:
             self.completed[uid] = key
@@ -291,7 +285,7 @@ class Registry:
             if is_not_found(e):
                 return
             if isinstance(e, fencing.LeaseLost):
-                return  # the shard's next leader finalizes it (its task is parked or re-read there)
+                raise  # parked by _spawn, for the shard's next leader (or this one, again)
             self.failures[uid] = self.failures.get(uid, 0) + 1
             delay = self.backoff(uid)
             log.error("finalizing failed; will try again", task=meta["name"], error=str(e), retry_in=delay)
@@ -311,13 +305,26 @@ class Registry:
             target = ExecTarget(body["metadata"]["namespace"], pod, container)
             self.ctx.janitor.forget_task(target, python_of(body), task_dir(self.ctx.settings, body))
 
+    def _refused(self, body: dict[str, Any]) -> None:
+        """Work for a task was refused by its shard's fence: the task is parked for whoever leads the
+        shard, and read again at once if that is this replica again (a lapse, not a loss)."""
+        meta = body["metadata"]
+        log.info("work refused: this replica no longer leads the task's shard", task=meta["name"])
+        self.parked[meta["uid"]] = body
+        self.completed.pop(meta["uid"], None)  # first-sight work (finalizer, template pod) is redone
+        if self.ownership.leads(self.shard(body)) and not self._closing:
+            self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 0.0), body)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any], body: dict[str, Any]) -> None:
         """Background work for one task, behind its shard's fence."""
         shard = self.shard(body)
 
         async def fenced() -> None:
             with fencing.on_behalf_of(self.ownership.fence(shard)):
-                await coro
+                try:
+                    await coro
+                except fencing.LeaseLost:
+                    self._refused(body)
 
         task = asyncio.get_running_loop().create_task(fenced())
         self._background[task] = (shard, body)
@@ -348,6 +355,7 @@ class Registry:
             if of == shard:
                 if _needs_work(body):
                     self.parked.setdefault(body["metadata"]["uid"], body)
+                self.completed.pop(body["metadata"]["uid"], None)  # its first-sight work is redone
                 task.cancel()
                 work.append(task)
         pending: set[asyncio.Task[Any]] = set()

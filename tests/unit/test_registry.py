@@ -261,3 +261,45 @@ async def test_a_parked_task_found_gone_when_its_shard_is_taken_is_forgotten() -
 
     await eventually(forgotten, within=5, what="the parked task forgotten")
     assert registry.started == []
+
+
+async def test_a_finalization_refused_by_the_fence_is_taken_up_when_the_shard_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def nothing_running(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(registry_module, "ensure_stopped", nothing_running)
+    shards = Shards({1})
+    body = task_in_shard(1, "deleted")
+    body["metadata"].update(deletionTimestamp="2026-11-21T00:00:00Z", finalizers=[FINALIZER])
+
+    class Tasks:
+        released = 0
+
+        async def set_finalizer(self, task: Any, finalizer: str, present: bool) -> Any:
+            fencing.check()  # as the API client does before a PATCH
+            Tasks.released += 1
+            return task
+
+        async def get(self, namespace: str, name: str) -> dict[str, Any]:
+            return body
+
+    registry = Registry(
+        SimpleNamespace(tasks=Tasks(), janitor=SimpleNamespace(forget_task=lambda *a: None)), shards
+    )  # type: ignore[arg-type]
+    registry.observe("MODIFIED", body)
+    shards.led.discard(1)  # the lease lapses before the PATCH goes out
+
+    async def parked() -> bool:
+        return body["metadata"]["uid"] in registry.parked
+
+    await eventually(parked, within=5, what="the refused finalization parked")
+    assert Tasks.released == 0
+    shards.led.add(1)
+    await registry.shard_acquired(1)
+
+    async def released() -> bool:
+        return Tasks.released == 1
+
+    await eventually(released, within=5, what="the finalizer released once the shard is back")
