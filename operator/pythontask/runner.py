@@ -54,6 +54,9 @@ RERUN_ANNOTATION = "pythontask.dev/rerun"
 CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
 FENCE_RETRIES = 5
 SETTLE_BACKOFF_MAX_SECONDS = 30.0
+# A restarted container's result (on an emptyDir) is looked for once it runs again: the kubelet's first
+# restart is immediate, later ones back off 10 s, 20 s, ...
+SALVAGE_WAIT_SECONDS = 60.0
 log = structlog.get_logger(__name__)
 
 
@@ -378,10 +381,30 @@ class TaskRunner:
     ) -> AttemptOutcome | None:
         """A container that restarted after its script ended still holds the result when the state
         directory is on a volume that outlives the container (an emptyDir): fetch it with `follow`, which
-        never starts anything. None when there is no result to be had."""
-        if pod is None or not container_instance(pod, record.container).running:
+        never starts anything. The new container may not be running yet (the kubelet restarts it after a
+        back-off): it is waited for, within SALVAGE_WAIT_SECONDS. None when there is no result to be had."""
+        if pod is None or not await self._container_back(record, deadline):
             return None
         return await self._fetch_result(spec, record, deadline)
+
+    async def _container_back(self, record: machine.AttemptRecord, deadline: float | None) -> bool:
+        """The recorded pod's container is running (again), per the pod cache; False if the pod goes,
+        is being deleted, or the wait runs out."""
+        until = time.time() + SALVAGE_WAIT_SECONDS
+        if deadline is not None:
+            until = min(until, deadline)
+        while True:
+            pod = self.view.pods.get(record.pod_uid) if self.view is not None else None
+            if pod is None:
+                pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
+            if pod is None or pod.metadata.deletion_timestamp is not None:
+                return False
+            if container_instance(pod, record.container).running:
+                return True
+            left = until - time.time()
+            if left <= 0 or self.view is None:
+                return False
+            await self.view.wait_change(min(left, 1.0))
 
     async def _fetch_result(
         self, spec: PythonTaskSpec | None, record: machine.AttemptRecord, deadline: float | None
