@@ -34,6 +34,22 @@ def mask(text: str, values: frozenset[str]) -> str:
     return text
 
 
+def mask_tail(text: str, values: frozenset[str], cut: bool) -> str:
+    """mask() for the tail of a stream. When its start was cut off (`cut`), a value the cut went
+    through leaves its end at the start of the tail, where no whole value matches: that end is masked
+    too, so a value split by the cut leaks nothing (even its last character; masking a character too
+    many at a cut is the lesser harm)."""
+    if not cut:
+        return mask(text, values)
+    split = 0
+    for value in values:
+        for kept in range(len(value) - 1, split, -1):  # the longest end of a value that starts the tail
+            if text.startswith(value[-kept:]):
+                split = kept
+                break
+    return (MASK if split else "") + mask(text[split:], values)
+
+
 class Inputs:
     def __init__(self, api: client.ApiClient) -> None:
         self._core = client.CoreV1Api(api)

@@ -39,7 +39,7 @@ from .config import Settings
 from .events import Events
 from .exec_client import ExecError, ExecTarget
 from .failures import TaskFailure
-from .inputs import Inputs, ResolvedInputs, mask
+from .inputs import Inputs, ResolvedInputs, mask, mask_tail
 from .janitor import Janitor
 from .kube import Tasks, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
@@ -646,8 +646,8 @@ class TaskRunner:
         values = last.mask if last is not None else frozenset()
         if last is not None:
             fields["output"] = st.output_status(
-                stdout=mask(last.stdout.text(), values),
-                stderr=mask(last.stderr.text(), values),
+                stdout=mask_tail(last.stdout.text(), values, last.stdout_bytes > len(last.stdout.data())),
+                stderr=mask_tail(last.stderr.text(), values, last.stderr_bytes > len(last.stderr.data())),
                 stdout_bytes=last.stdout_bytes,
                 stderr_bytes=last.stderr_bytes,
                 truncated=last.truncated,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pythontask import status as st
+from pythontask.exec_wire import Tail
+from pythontask.inputs import MASK, mask_tail
 
 
 def kinds(conditions: list[dict[str, object]]) -> dict[object, object]:
@@ -62,3 +64,17 @@ def test_final_patch_clears_the_current_attempt_and_sets_completion() -> None:
         st.Phase.RUNNING, "Running", "m", generation=1, rerun_token="", previous={}, at="T"
     )
     assert "completionTime" not in running
+
+
+def test_a_secret_split_by_the_tail_cut_is_masked_at_every_position() -> None:
+    """Reproduced first: with the tail cut inside a Secret value, everything after the cut leaked."""
+    secret = "s3cr3t-Tok€n-42"
+    raw, after = secret.encode(), b"\ndone\n"
+    for position in range(len(raw) + 1):  # the tail starts at byte `position` of the value (inside €, too)
+        tail = Tail(len(raw) - position + len(after))
+        tail.append(b"before: " + raw + after)
+        masked = mask_tail(tail.text(), frozenset({secret}), tail.truncated)
+        expected = after.decode() if position == len(raw) else MASK + after.decode()
+        assert masked == expected, (position, masked)
+    # Not cut: only whole values are masked, and the start of the output is left alone.
+    assert mask_tail("-42 is fine; " + secret, frozenset({secret}), False) == "-42 is fine; " + MASK
