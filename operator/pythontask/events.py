@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -15,16 +17,55 @@ from .spec import GROUP, KIND, VERSION
 COMPONENT = "pythontask-operator"
 INSTANCE = socket.gethostname()
 MAX_MESSAGE = 1024
+# Per task: a burst of 10 Events, then one every 6 s (10 a minute). The final Event always goes out.
+BURST = 10
+REFILL_SECONDS = 6.0
 log = structlog.get_logger(__name__)
 
 
-class Events:
-    def __init__(self, api: client.ApiClient) -> None:
-        self._core = client.CoreV1Api(api)
+class Budget:
+    """A token bucket per task, so a task retried a hundred times does not post a hundred Events a
+    minute (the apiserver's Event storage is shared by every tenant)."""
 
-    async def emit(self, task: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Best effort: a lost Event must never fail a task."""
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # uid -> (tokens, when counted)
+        self.suppressed: dict[str, int] = {}
+
+    def take(self, uid: str, *, always: bool = False) -> bool:
+        now = self._clock()
+        tokens, then = self._tokens.get(uid, (float(BURST), now))
+        tokens = min(float(BURST), tokens + (now - then) / REFILL_SECONDS)
+        if tokens >= 1 or always:
+            self._tokens[uid] = (max(0.0, tokens - 1), now)
+            return True
+        self._tokens[uid] = (tokens, now)
+        self.suppressed[uid] = self.suppressed.get(uid, 0) + 1
+        return False
+
+    def forget(self, uid: str) -> None:
+        self._tokens.pop(uid, None)
+        self.suppressed.pop(uid, None)
+
+
+class Events:
+    def __init__(self, api: client.ApiClient, budget: Budget | None = None) -> None:
+        self._core = client.CoreV1Api(api)
+        self.budget = budget or Budget()
+
+    async def emit(
+        self, task: dict[str, Any], type_: str, reason: str, message: str, *, final: bool = False
+    ) -> None:
+        """Best effort: a lost Event must never fail a task. Throttled per task (Budget); a final Event
+        always goes out, and says how many were held back."""
         meta = task["metadata"]
+        if not self.budget.take(meta["uid"], always=final):
+            return
+        held_back = self.budget.suppressed.pop(meta["uid"], 0)
+        if held_back:
+            message = f"{message} ({held_back} earlier Events of this task were held back.)"
+        if final:
+            self.budget.forget(meta["uid"])
         at = status.now()
         event = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -51,8 +92,8 @@ class Events:
         except (ApiException, OSError) as e:
             log.warning("event not recorded", reason=reason, error=str(e))
 
-    async def normal(self, task: dict[str, Any], reason: str, message: str) -> None:
-        await self.emit(task, "Normal", reason, message)
+    async def normal(self, task: dict[str, Any], reason: str, message: str, *, final: bool = False) -> None:
+        await self.emit(task, "Normal", reason, message, final=final)
 
-    async def warning(self, task: dict[str, Any], reason: str, message: str) -> None:
-        await self.emit(task, "Warning", reason, message)
+    async def warning(self, task: dict[str, Any], reason: str, message: str, *, final: bool = False) -> None:
+        await self.emit(task, "Warning", reason, message, final=final)

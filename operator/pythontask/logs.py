@@ -48,3 +48,5 @@ def configure(level: str = "INFO", replica: str = "") -> None:
     # ...and not a line per handled watch event.
     logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    # At DEBUG the API client logs whole response bodies: Secrets' data among them. Never.
+    logging.getLogger("kubernetes_asyncio").setLevel(max(logging.INFO, root.level))

@@ -660,9 +660,9 @@ class TaskRunner:
             "task finished", phase=str(state.phase), reason=str(state.reason), exit_code=state.exit_code
         )
         if state.phase is st.Phase.SUCCEEDED:
-            await self.ctx.events.normal(self.body, str(state.reason), message)
+            await self.ctx.events.normal(self.body, str(state.reason), message, final=True)
         else:
-            await self.ctx.events.warning(self.body, str(state.reason), message)
+            await self.ctx.events.warning(self.body, str(state.reason), message, final=True)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
         if self.last_record is not None and last is not None:
             await self._forget(self.last_record, last)

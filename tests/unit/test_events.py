@@ -1,0 +1,58 @@
+"""Events are throttled per task: a task retried a hundred times in a minute posts a handful, and its
+final Event always goes out and says how many were held back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pythontask import logs
+from pythontask.events import BURST, Budget, Events
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Posted:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    async def create_namespaced_event(self, namespace: str, event: dict[str, Any]) -> None:
+        self.messages.append(event["message"])
+
+
+def task(uid: str = "u1") -> dict[str, Any]:
+    return {"metadata": {"uid": uid, "name": "t", "namespace": "ns", "resourceVersion": "1"}}
+
+
+async def test_a_hundred_retries_in_a_minute_post_at_most_twenty_events_and_the_final_one() -> None:
+    clock, posted = Clock(), Posted()
+    events = Events.__new__(Events)
+    events._core, events.budget = posted, Budget(clock)  # type: ignore[assignment]
+    for _ in range(100):
+        await events.warning(task(), "NonZeroExitCode", "Attempt failed; retrying.")
+        clock.now += 0.6  # a hundred in a minute
+    assert len(posted.messages) <= BURST + 10
+    await events.warning(task(), "RetryLimitReached", "Failed after 101 attempts.", final=True)
+    assert posted.messages[-1].startswith("Failed after 101 attempts. (")
+    assert "earlier Events of this task were held back" in posted.messages[-1]
+
+
+def test_each_task_has_its_own_budget() -> None:
+    budget = Budget(Clock())
+    assert all(budget.take("busy") for _ in range(BURST))
+    assert not budget.take("busy")
+    assert budget.take("quiet")
+
+
+def test_debug_logging_never_turns_on_the_api_clients_body_logging() -> None:
+    logs.configure("DEBUG")
+    try:
+        assert not logging.getLogger("kubernetes_asyncio.client.rest").isEnabledFor(logging.DEBUG)
+    finally:
+        logs.configure("INFO")
