@@ -20,6 +20,7 @@ MAX_MESSAGE = 1024
 # Per task: a burst of 10 Events, then one every 6 s (10 a minute). The final Event always goes out.
 BURST = 10
 REFILL_SECONDS = 6.0
+MAX_TRACKED = 4096  # tasks with a bucket; beyond, quiet ones are dropped
 log = structlog.get_logger(__name__)
 
 
@@ -34,6 +35,8 @@ class Budget:
 
     def take(self, uid: str, *, always: bool = False) -> bool:
         now = self._clock()
+        if len(self._tokens) > MAX_TRACKED:
+            self._prune(now)
         tokens, then = self._tokens.get(uid, (float(BURST), now))
         tokens = min(float(BURST), tokens + (now - then) / REFILL_SECONDS)
         if tokens >= 1 or always:
@@ -42,6 +45,14 @@ class Budget:
         self._tokens[uid] = (tokens, now)
         self.suppressed[uid] = self.suppressed.get(uid, 0) + 1
         return False
+
+    def _prune(self, now: float) -> None:
+        """A full bucket is the same as none: tasks quiet for a minute (finished, deleted, moved to
+        another replica) are dropped."""
+        full = BURST * REFILL_SECONDS
+        for uid, (_, then) in list(self._tokens.items()):
+            if now - then >= full and uid not in self.suppressed:
+                del self._tokens[uid]
 
     def forget(self, uid: str) -> None:
         self._tokens.pop(uid, None)

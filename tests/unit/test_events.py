@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pythontask import logs
+import pytest
+
+from pythontask import events, logs
 from pythontask.events import BURST, Budget, Events
 
 
@@ -56,3 +58,15 @@ def test_debug_logging_never_turns_on_the_api_clients_body_logging() -> None:
         assert not logging.getLogger("kubernetes_asyncio.client.rest").isEnabledFor(logging.DEBUG)
     finally:
         logs.configure("INFO")
+
+
+def test_buckets_of_quiet_tasks_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "MAX_TRACKED", 100)
+    clock = Clock()
+    budget = Budget(clock)
+    for i in range(100):
+        budget.take(f"gone-{i}")
+    clock.now += 61  # a minute later, all of them quiet
+    budget.take("new-0")
+    budget.take("new-1")
+    assert len(budget._tokens) <= 2
