@@ -104,7 +104,7 @@ class Leadership:
         self._closing = False
         self._waiting_for_others = False
         self._joined_at: float | None = None  # when a list first showed our member lease
-        self._stopping: set[asyncio.Task[None]] = set()  # shards' work being stopped, leases handed back
+        self._stopping: set[asyncio.Task[Any]] = set()  # shards' work being stopped, leases handed back
         self._renewing: set[int] = set()  # renewals in flight
         self._done = asyncio.Event()  # run() has ended
 
@@ -158,10 +158,8 @@ class Leadership:
             log.warning("cannot list the leases; renewing what we hold", error=f"{type(e).__name__}: {e}")
             await self._renew_all()
             return
-        now = self.clock()
-        self.records = {r.name: r for r in records}
-        for record in records:
-            self.observed.see(record, now)
+        self.records = {}  # a lease deleted since the last look is gone from our view too
+        self._absorb(records)
         for shard, held in list(self.held.items()):
             seen = self.records.get(held.record.name)
             if seen is not None and (seen.holder != self.identity or seen.shards != self.shards):
@@ -226,9 +224,21 @@ class Leadership:
         self, name: str, labels: dict[str, str], holder: str, transitions: int, previous: LeaseRecord | None
     ) -> LeaseRecord:
         record = await self.store.write(name, labels, holder, transitions, previous)
-        self.records[name] = record  # what we wrote is the newest we know
-        self.observed.see(record, self.clock())
+        self._absorb([record])  # what we wrote is the newest we know
         return record
+
+    def _absorb(self, records: list[LeaseRecord]) -> None:
+        """What a list or a write showed: the newest version we know of each lease, and when we first
+        saw each version (the clock that decides expiry)."""
+        now = self.clock()
+        for record in records:
+            self.records[record.name] = record
+            self.observed.see(record, now)
+
+    async def _release(self, shard: int, record: LeaseRecord) -> None:
+        """Clears the holder (compare-and-swap on our version): the next replica need not wait for expiry."""
+        with fencing.unfenced(), contextlib.suppress(Exception):
+            await self.store.write(record.name, self._labels("shard", shard), "", record.transitions, record)
 
     async def _keep_membership(self) -> None:
         name = member_lease_name(self.prefix, self.identity)
@@ -294,10 +304,8 @@ class Leadership:
 
     async def _read(self, name: str) -> LeaseRecord | None:
         with contextlib.suppress(Exception):
-            for record in await self.store.list():
-                self.records[record.name] = record
-                if record.name == name:
-                    return record
+            self._absorb(await self.store.list())
+            return self.records.get(name)
         return None
 
     def _free(self, shard: int) -> bool:
@@ -407,14 +415,10 @@ class Leadership:
         except Exception:
             records = None
         if records is not None:
-            now = self.clock()
-            for r in records:
-                self.records[r.name] = r
-                self.observed.see(r, now)
+            self._absorb(records)
             if not self._other_count_live() and (shard == 0 or self._anchored()):
                 return True
-        with contextlib.suppress(Exception):
-            await self.store.write(record.name, self._labels("shard", shard), "", record.transitions, record)
+        await self._release(shard, record)
         log.info("lease given back: another shard count is leading, or could be", shard=shard)
         return False
 
@@ -426,11 +430,7 @@ class Leadership:
         metrics.shard_changed(shard, "lost", leading=False)
         log.warning("shard lost: stepping down", shard=shard, identity=self.identity, why=why)
         if self.on_lost is not None:
-            self._background(self._stop(shard))
-
-    async def _stop(self, shard: int) -> None:
-        if self.on_lost is not None:
-            await self.on_lost(shard)
+            self._background(self.on_lost(shard))
 
     def _hand_back(self, shard: int, *, why: str) -> None:
         """Work on the shard stops first; only then is the lease released (holder cleared), so the next
@@ -446,15 +446,12 @@ class Leadership:
             if not stopped:
                 log.warning("shard's work did not stop in time: its lease is left to expire", shard=shard)
                 return
-            with fencing.unfenced(), contextlib.suppress(Exception):
-                await self.store.write(
-                    held.record.name, self._labels("shard", shard), "", held.record.transitions, held.record
-                )
+            await self._release(shard, held.record)
             log.info("shard released", shard=shard, identity=self.identity, why=why)
 
         self._background(stop_then_release())
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)

@@ -212,12 +212,9 @@ class Registry:
         stopped = runner.stop_reason  # this runner's own: the registry may already hold its replacement
         if task.cancelled() and stopped is not None:
             if stopped is StopReason.SHUTDOWN and not self._closing:
-                # Its shard was lost: parked. If the shard came back meanwhile, its task is taken up again
-                # (the acquisition skipped it while this runner was still stopping).
-                self.parked[uid] = runner.body
-                if self.ownership.leads(self.shard(body)) and uid not in self.running:
-                    meta = body["metadata"]
-                    self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
+                # Its shard was lost. If the shard came back meanwhile, its task is taken up again (the
+                # acquisition skipped it while this runner was still stopping).
+                self._park(runner.body)
             return  # stopped on purpose; whoever stopped it carries on
         error = None if task.cancelled() else task.exception()
         if task.cancelled():
@@ -310,9 +307,14 @@ class Registry:
         shard, and read again at once if that is this replica again (a lapse, not a loss)."""
         meta = body["metadata"]
         log.info("work refused: this replica no longer leads the task's shard", task=meta["name"])
-        self.parked[meta["uid"]] = body
         self.completed.pop(meta["uid"], None)  # first-sight work (finalizer, template pod) is redone
-        if self.ownership.leads(self.shard(body)) and not self._closing:
+        self._park(body)
+
+    def _park(self, body: dict[str, Any]) -> None:
+        """Parked for whoever leads the task's shard; read again at once if that is this replica."""
+        meta = body["metadata"]
+        self.parked[meta["uid"]] = body
+        if self.ownership.leads(self.shard(body)) and meta["uid"] not in self.running and not self._closing:
             self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 0.0), body)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], body: dict[str, Any]) -> None:

@@ -10,14 +10,7 @@ import pytest
 
 from pythontask import events, logs
 from pythontask.events import BURST, Budget, Events
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from support.clock import FakeClock
 
 
 class Posted:
@@ -33,7 +26,7 @@ def task(uid: str = "u1") -> dict[str, Any]:
 
 
 async def test_a_hundred_retries_in_a_minute_post_at_most_twenty_events_and_the_final_one() -> None:
-    clock, posted = Clock(), Posted()
+    clock, posted = FakeClock(), Posted()
     events = Events.__new__(Events)
     events._core, events.budget = posted, Budget(clock)  # type: ignore[assignment]
     for _ in range(100):
@@ -46,7 +39,7 @@ async def test_a_hundred_retries_in_a_minute_post_at_most_twenty_events_and_the_
 
 
 def test_each_task_has_its_own_budget() -> None:
-    budget = Budget(Clock())
+    budget = Budget(FakeClock())
     assert all(budget.take("busy") for _ in range(BURST))
     assert not budget.take("busy")
     assert budget.take("quiet")
@@ -62,7 +55,7 @@ def test_debug_logging_never_turns_on_the_api_clients_body_logging() -> None:
 
 def test_buckets_of_quiet_tasks_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events, "MAX_TRACKED", 100)
-    clock = Clock()
+    clock = FakeClock()
     budget = Budget(clock)
     for i in range(100):
         budget.take(f"gone-{i}")

@@ -22,16 +22,23 @@ from pythontask.leases import (
     shard_lease_name,
     shard_of,
 )
+from support.clock import FakeClock
 
 TIMING = Timing(lease_duration=15.0, renew_deadline=10.0, retry_period=2.0)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+class Calls:
+    """The registry's side of the election, recorded in order: `acquired 0`, `lost 0`, ..."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    async def acquired(self, shard: int) -> None:
+        self.log.append(f"acquired {shard}")
+
+    async def lost(self, shard: int) -> bool:
+        self.log.append(f"lost {shard}")
+        return True
 
 
 class MemoryLeases:
@@ -78,11 +85,11 @@ class MemoryLeases:
         self.leases.pop(record.name, None)
 
 
-def replica(store: MemoryLeases, clock: Clock, name: str, shards: int = 1, **kw: Any) -> Leadership:
+def replica(store: MemoryLeases, clock: FakeClock, name: str, shards: int = 1, **kw: Any) -> Leadership:
     return Leadership(store, identity=name, shards=shards, timing=TIMING, clock=clock, **kw)
 
 
-async def rounds(replicas: list[Leadership], clock: Clock, seconds: float, step: float = 1.0) -> None:
+async def rounds(replicas: list[Leadership], clock: FakeClock, seconds: float, step: float = 1.0) -> None:
     """Every replica's round, concurrently (their requests interleave), then time moves on."""
     for _ in range(int(seconds / step)):
         await asyncio.gather(*(r.tick() for r in replicas))
@@ -144,7 +151,7 @@ def test_a_plan_moves_towards_the_fair_share(shards: int, members: int, held: se
 
 
 async def test_one_replica_leads_and_stops_leading_when_it_cannot_renew() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     a = replica(store, clock, "a")
     await a.tick()
     assert a.leads(0)
@@ -153,7 +160,7 @@ async def test_one_replica_leads_and_stops_leading_when_it_cannot_renew() -> Non
 
 
 async def test_a_standby_takes_over_a_lease_duration_after_the_leader_stops_renewing() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     a, b = replica(store, clock, "a"), replica(store, clock, "b")
     await rounds([a, b], clock, 10)
     assert leaders([a, b], 0) == ["a"]
@@ -167,20 +174,15 @@ async def test_a_standby_takes_over_a_lease_duration_after_the_leader_stops_rene
 
 
 async def test_a_paused_leader_comes_back_as_a_follower() -> None:
-    store, clock = MemoryLeases(), Clock()
-    lost: list[int] = []
-
-    async def on_lost(shard: int) -> bool:
-        lost.append(shard)
-        return True
-
-    a, b = replica(store, clock, "a", on_lost=on_lost), replica(store, clock, "b")
+    store, clock = MemoryLeases(), FakeClock(1000.0)
+    calls = Calls()
+    a, b = replica(store, clock, "a", on_lost=calls.lost), replica(store, clock, "b")
     await rounds([a, b], clock, 4)
     await rounds([b], clock, 30)  # a is stopped (SIGSTOP) for 30 s
     assert leaders([a, b], 0) == ["b"]
     await a.tick()  # SIGCONT: its first round sees b holds the lease
     await asyncio.sleep(0)  # the shard's work is stopped off the election loop
-    assert lost == [0]
+    assert calls.log == ["lost 0"]
     assert not a.leads(0)
     assert not a.held
     await rounds([a, b], clock, 20)
@@ -188,7 +190,7 @@ async def test_a_paused_leader_comes_back_as_a_follower() -> None:
 
 
 async def test_shards_are_shared_fairly_and_move_when_a_replica_dies() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     replicas = [replica(store, clock, name, shards=3) for name in ("a", "b", "c")]
     await rounds(replicas, clock, 20)
     assert sorted(len(r.leading()) for r in replicas) == [1, 1, 1]
@@ -199,7 +201,7 @@ async def test_shards_are_shared_fairly_and_move_when_a_replica_dies() -> None:
 
 
 async def test_a_replica_alone_takes_every_shard_and_hands_back_as_others_join() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     a = replica(store, clock, "a", shards=3)
     await rounds([a], clock, 4)
     assert a.leading() == [0, 1, 2]
@@ -209,7 +211,7 @@ async def test_a_replica_alone_takes_every_shard_and_hands_back_as_others_join()
 
 
 async def test_a_different_shard_count_waits_for_the_old_replicas_to_go() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     old, new = replica(store, clock, "old", shards=2), replica(store, clock, "new", shards=3)
     await rounds([old], clock, 4)
     await rounds([old, new], clock, 30)
@@ -221,7 +223,7 @@ async def test_a_different_shard_count_waits_for_the_old_replicas_to_go() -> Non
 
 
 async def test_closing_releases_the_leases_after_stopping_the_work() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     order: list[str] = []
 
     async def on_lost(shard: int) -> bool:
@@ -263,7 +265,7 @@ def test_no_schedule_gives_a_shard_two_leaders(
     regularly (the others gone), every shard has a leader."""
 
     async def play() -> None:
-        store, clock = MemoryLeases(), Clock()
+        store, clock = MemoryLeases(), FakeClock(1000.0)
         replicas = [replica(store, clock, f"r{i}", shards=n) for i, n in enumerate(counts)]
         for group, seconds in schedule:
             await asyncio.gather(*(replicas[i].tick() for i in group if i < len(replicas)))
@@ -283,7 +285,7 @@ def test_no_schedule_gives_a_shard_two_leaders(
 
 
 async def test_a_paused_leader_of_another_shard_count_comes_back_as_nobody() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     old, new = replica(store, clock, "old", shards=1), replica(store, clock, "new", shards=3)
     await rounds([old, new], clock, 6)
     assert old.leading() == [0]
@@ -299,7 +301,7 @@ async def test_a_paused_leader_of_another_shard_count_comes_back_as_nobody() -> 
 
 
 async def test_a_rollout_changing_the_shard_count_never_has_two_counts_leading() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     leader, standby = replica(store, clock, "old-1", shards=1), replica(store, clock, "old-2", shards=1)
     await rounds([leader, standby], clock, 6)
     new = replica(store, clock, "new-1", shards=3)
@@ -317,17 +319,9 @@ async def test_a_rollout_changing_the_shard_count_never_has_two_counts_leading()
 async def test_a_renewal_answered_after_the_deadline_keeps_the_lease_and_takes_refused_work_up_again() -> (
     None
 ):
-    store, clock = MemoryLeases(), Clock()
-    events: list[str] = []
-
-    async def acquired(shard: int) -> None:
-        events.append(f"acquired {shard}")
-
-    async def lost(shard: int) -> bool:
-        events.append(f"lost {shard}")
-        return True
-
-    a = replica(store, clock, "a", on_acquired=acquired, on_lost=lost)
+    store, clock = MemoryLeases(), FakeClock(1000.0)
+    calls = Calls()
+    a = replica(store, clock, "a", on_acquired=calls.acquired, on_lost=calls.lost)
     await rounds([a], clock, 2)
     slow = store.write
 
@@ -347,25 +341,20 @@ async def test_a_renewal_answered_after_the_deadline_keeps_the_lease_and_takes_r
     await rounds([a], clock, 4)
     assert a.leads(0)
     # Nobody could take it in that gap (its duration had not passed): kept, and its parked work re-read.
-    assert events == ["acquired 0", "acquired 0"]
+    assert calls.log == ["acquired 0", "acquired 0"]
 
 
 async def test_a_failed_list_right_after_acquiring_is_not_a_loss() -> None:
-    store, clock = Flaky(), Clock()
-    lost: list[int] = []
-
-    async def on_lost(shard: int) -> bool:
-        lost.append(shard)
-        return True
-
+    store, clock = Flaky(), FakeClock(1000.0)
+    calls = Calls()
     dead = replica(store, clock, "dead")
     await rounds([dead], clock, 2)
-    b = replica(store, clock, "b", on_lost=on_lost)
+    b = replica(store, clock, "b", on_lost=calls.lost)
     await rounds([b], clock, TIMING.lease_duration + 2)
     assert b.leads(0)
     store.fail_lists = True
     await rounds([b], clock, 4)
-    assert lost == []
+    assert calls.log == []
     assert b.leads(0)
 
 
@@ -374,14 +363,14 @@ def test_two_processes_given_the_same_name_are_two_identities() -> None:
 
 
 async def test_two_processes_with_the_same_name_never_both_lead() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     first, second = (replica(store, clock, process_identity("same")) for _ in range(2))
     await rounds([first, second], clock, 30)
     assert len(leaders([first, second], 0)) == 1
 
 
 async def test_replicas_starting_together_do_not_grab_every_shard_first() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     replicas = [replica(store, clock, name, shards=3) for name in ("a", "b", "c")]
     most = 0
     for _ in range(20):
@@ -413,7 +402,7 @@ class Flaky(MemoryLeases):
 
 
 async def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease() -> None:
-    store, clock = Flaky(), Clock()
+    store, clock = Flaky(), FakeClock(1000.0)
     a = replica(store, clock, "a")
     await rounds([a], clock, 4)
     store.lose_answers = 1
@@ -423,7 +412,7 @@ async def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease() -> None
 
 
 async def test_leases_are_renewed_even_when_listing_them_fails() -> None:
-    store, clock = Flaky(), Clock()
+    store, clock = Flaky(), FakeClock(1000.0)
     a = replica(store, clock, "a")
     await rounds([a], clock, 4)
     store.fail_lists = True
@@ -432,7 +421,7 @@ async def test_leases_are_renewed_even_when_listing_them_fails() -> None:
 
 
 async def test_a_shard_whose_work_did_not_stop_is_not_released() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
 
     async def will_not_stop(shard: int) -> bool:
         return False
@@ -472,7 +461,7 @@ async def test_two_counts_winning_different_leases_at_once_do_not_both_lead() ->
     compare-and-swap of a different lease; the look after winning makes at least one give it back."""
     for start in [x * 0.5 for x in range(20, 32)]:
         for x_extra, y_extra in [(0, 0), (0, 2), (2, 0), (1, 3), (3, 1)]:
-            store, clock = MemoryLeases(), Clock()
+            store, clock = MemoryLeases(), FakeClock(1000.0)
             w, v = replica(store, clock, "w", shards=2), replica(store, clock, "v", shards=2)
             await rounds([w, v], clock, 6, step=0.5)
             if 0 not in w.leading():
@@ -493,31 +482,23 @@ async def test_two_counts_winning_different_leases_at_once_do_not_both_lead() ->
 
 
 async def test_the_leader_of_shard_0_leaving_does_not_stop_the_other_shards() -> None:
-    store, clock = MemoryLeases(), Clock()
-    lost: list[str] = []
-
-    def recorder(name: str) -> Any:
-        async def on_lost(shard: int) -> bool:
-            lost.append(f"{name} {shard}")
-            return True
-
-        return on_lost
-
-    replicas = [replica(store, clock, n, shards=3, on_lost=recorder(n)) for n in ("a", "b", "c")]
+    store, clock = MemoryLeases(), FakeClock(1000.0)
+    calls = Calls()  # all three replicas' losses, in one log
+    replicas = [replica(store, clock, n, shards=3, on_lost=calls.lost) for n in ("a", "b", "c")]
     await rounds(replicas, clock, 20)
     [anchor] = [r for r in replicas if 0 in r.leading()]
     others = [r for r in replicas if r is not anchor]
     before = {r.identity: r.leading() for r in others}
     await anchor.close()
-    lost.clear()
+    calls.log.clear()
     await rounds(others, clock, 10)
-    assert lost == []  # nobody else stepped down
+    assert calls.log == []  # nobody else stepped down
     assert all(set(before[r.identity]) <= set(r.leading()) for r in others)
     assert sorted(s for r in others for s in r.leading()) == [0, 1, 2]
 
 
 async def test_leases_of_a_shard_count_no_longer_used_are_collected() -> None:
-    store, clock = MemoryLeases(), Clock()
+    store, clock = MemoryLeases(), FakeClock(1000.0)
     old = replica(store, clock, "old", shards=3)
     await rounds([old], clock, 4)  # then SIGKILLed: its three leases stay behind
     a = replica(store, clock, "a", shards=2)
