@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
@@ -24,55 +28,106 @@ log = structlog.get_logger(__name__)
 FLUSH_SECONDS = 2.0
 MAX_BATCH = 200
 CALL_TIMEOUT_SECONDS = 60.0
+# A removal that failed (the exec broke, the apiserver was busy) or that the agent skipped is tried again
+# after each of these delays, then left: a directory left over is harmless, only untidy.
+RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)
 
-_Key = tuple[str, str, str, tuple[str, ...]]
+_Key = tuple[str, str, str, tuple[str, ...]]  # namespace, pod, container, python
+
+
+@dataclass
+class _Paths:
+    dirs: dict[str, int] = field(default_factory=dict)  # path -> removals tried so far
+    tasks: dict[str, int] = field(default_factory=dict)
 
 
 class Janitor:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        flush_every: float | None = FLUSH_SECONDS,
+    ) -> None:
+        """flush_every None: nothing is sent until flush() is called (tests)."""
         self._api = api
-        self._pending: dict[_Key, dict[str, list[str]]] = defaultdict(lambda: {"dirs": [], "tasks": []})
+        self._clock = clock
+        self._flush_every = flush_every
+        self._pending: dict[_Key, _Paths] = defaultdict(_Paths)
+        self._later: list[tuple[float, _Key, str, str, int]] = []  # (due, key, "dirs"|"tasks", path, tried)
         self._task: asyncio.Task[None] | None = None
 
     def forget(self, target: ExecTarget, python: list[str], attempt_dir: str) -> None:
         """Queues an attempt directory whose outcome is recorded in status."""
-        self._queue(target, python, "dirs", attempt_dir)
+        self._queue((target.namespace, target.pod, target.container, tuple(python)), "dirs", attempt_dir, 0)
 
     def forget_task(self, target: ExecTarget, python: list[str], task_dir: str) -> None:
         """Queues a whole task directory (a finished or deleted task: tombstones included)."""
-        self._queue(target, python, "tasks", task_dir)
+        self._queue((target.namespace, target.pod, target.container, tuple(python)), "tasks", task_dir, 0)
 
-    def _queue(self, target: ExecTarget, python: list[str], what: str, path: str) -> None:
-        self._pending[(target.namespace, target.pod, target.container, tuple(python))][what].append(path)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def busy(self) -> bool:
+        return bool(self._pending or self._later)
 
-    async def _run(self) -> None:
-        while self._pending:
-            await asyncio.sleep(FLUSH_SECONDS)
+    def _queue(self, key: _Key, what: str, path: str, tried: int) -> None:
+        getattr(self._pending[key], what)[path] = tried
+        if self._flush_every is not None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(self._flush_every))
+
+    def _retry(self, key: _Key, what: str, path: str, tried: int) -> None:
+        """`tried`: removals tried so far (at least one)."""
+        if tried > len(RETRY_DELAYS):
+            log.warning("left a directory in the container after repeated failures", pod=key[1], path=path)
+            return
+        self._later.append((self._clock() + RETRY_DELAYS[tried - 1], key, what, path, tried))
+
+    async def _run(self, every: float) -> None:
+        while self.busy():
+            await asyncio.sleep(every)
             await self.flush()
 
     async def flush(self) -> None:
+        """Sends what is queued and whatever retry is due."""
+        now = self._clock()
+        due = [entry for entry in self._later if entry[0] <= now]
+        self._later = [entry for entry in self._later if entry[0] > now]
+        for _, key, what, path, tried in due:
+            getattr(self._pending[key], what)[path] = tried
         # Any replica may remove what status holds already: the janitor works for no shard in particular.
         with fencing.unfenced():
             await self._flush()
 
     async def _flush(self) -> None:
-        batches, self._pending = self._pending, defaultdict(lambda: {"dirs": [], "tasks": []})
-        for (namespace, pod, container, python), paths in batches.items():
-            dirs, tasks = paths["dirs"], paths["tasks"]
+        batches, self._pending = self._pending, defaultdict(_Paths)
+        for key, paths in batches.items():
+            dirs, tasks = list(paths.dirs.items()), list(paths.tasks.items())
             for start in range(0, max(len(dirs), len(tasks)), MAX_BATCH):
-                request = {
-                    "op": "forget",
-                    "dirs": dirs[start : start + MAX_BATCH],
-                    "tasks": tasks[start : start + MAX_BATCH],
-                }
-                target = ExecTarget(namespace, pod, container)
-                try:
-                    await agent_call(self._api, target, list(python), request, within=CALL_TIMEOUT_SECONDS)
-                except (ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
-                    # The pod may be gone (and its files with it); a left-over directory is harmless.
-                    log.debug("attempt directories not removed", pod=pod, error=str(e))
+                await self._send(key, dirs[start : start + MAX_BATCH], tasks[start : start + MAX_BATCH])
+
+    async def _send(self, key: _Key, dirs: list[tuple[str, int]], tasks: list[tuple[str, int]]) -> None:
+        namespace, pod, container, python = key
+        request = {"op": "forget", "dirs": [d for d, _ in dirs], "tasks": [t for t, _ in tasks]}
+        try:
+            answer = await agent_call(
+                self._api,
+                ExecTarget(namespace, pod, container),
+                list(python),
+                request,
+                within=CALL_TIMEOUT_SECONDS,
+            )
+        except (ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            # The pod may be gone (and its files with it): then the retries fail too, and stop.
+            log.debug("attempt directories not removed", pod=pod, error=str(e))
+            answer = None
+        if answer is None or answer.type != "forgotten":
+            again_dirs, again_tasks = dirs, tasks
+        else:
+            skipped = [str(s) for s in answer.fields.get("skippedDirs") or []]
+            again_dirs = [(d, n) for d, n in dirs if d in skipped]
+            again_tasks = [(t, n) for t, n in tasks if any(_under(s, t) for s in skipped)]
+        for path, tried in again_dirs:
+            self._retry(key, "dirs", path, tried + 1)
+        for path, tried in again_tasks:
+            self._retry(key, "tasks", path, tried + 1)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -81,3 +136,7 @@ class Janitor:
                 await self._task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 10)
+
+
+def _under(path: str, directory: str) -> bool:
+    return os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,33 @@ def deployed(cluster: Cluster, real_node: str) -> Iterator[None]:
         cluster.kubectl(
             "delete", "deployment", DEPLOYMENT, "-n", NAMESPACE, "--ignore-not-found", "--wait=true"
         )
+
+
+@contextmanager
+def _following_logs(cluster: Cluster, pod: str) -> Iterator[Callable[[], str]]:
+    """`kubectl logs -f` into a file for the duration; yields a function returning its last lines."""
+    path = ROOT / ".local/logs" / f"{pod}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        follower = subprocess.Popen(
+            [
+                str(cluster.bin / "kubectl"),
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "logs",
+                "-f",
+                "-n",
+                NAMESPACE,
+                pod,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield lambda: "\n".join(path.read_text(errors="replace").splitlines()[-40:])
+        finally:
+            follower.kill()
+            follower.wait()
 
 
 def _parent(pid: int) -> int:
@@ -148,14 +175,19 @@ async def _run_a_task_in_cluster(
 
         # The leader's pod is deleted (a drain, a rollout): it hands the lease back as it exits, and the
         # standby runs the next task.
-        await core.delete_namespaced_pod(leader, NAMESPACE)
         [standby] = operator_pods - {leader}
 
         async def standby_leads() -> bool:
             return await _leader(api) == standby
 
-        # Within seconds, not a lease duration (15 s): the exiting leader released its lease.
-        await eventually(standby_leads, within=10, what=f"{standby} to take the lease over")
+        # Within seconds, not a lease duration (15 s): the exiting leader released its lease. Its last
+        # words are kept (the pod and its logs are gone afterwards) to tell why, should it not have.
+        with _following_logs(cluster, leader) as last_words:
+            await core.delete_namespaced_pod(leader, NAMESPACE)
+            try:
+                await eventually(standby_leads, within=10, what=f"{standby} to take the lease over")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the old leader's last log lines:\n{last_words()}") from None
         await tasks.create("again", {"target": {"podName": "target"}, "script": {"inline": script}})
         status = await tasks.wait_status("again", within=120)
         assert (status["phase"], status.get("exitCode")) == ("Succeeded", 0), status
