@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from . import exec_wire as wire
-from . import fencing
+from . import fencing, impersonation
 
 STDIN_CHUNK = 256 * 1024
 
@@ -113,7 +113,11 @@ async def open_exec(
             session.ws_connect(
                 url,
                 protocols=wire.PROTOCOLS,
-                headers={**await _auth_headers(configuration), "User-Agent": api_client.user_agent},
+                headers={
+                    **await _auth_headers(configuration),
+                    "User-Agent": api_client.user_agent,
+                    **impersonation.headers(),
+                },
                 max_msg_size=0,
                 autoping=True,
                 server_hostname=api_client.rest_client.server_hostname,

@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import fencing
+from . import fencing, impersonation
 from .spec import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -44,13 +44,17 @@ WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 def bound_requests(api: client.ApiClient, seconds: float) -> None:
     """Every request without its own `_request_timeout` gets `seconds` in total; every write is fenced
-    (fencing.py): refused before it is sent if this replica no longer leads its shard."""
+    (fencing.py): refused before it is sent if this replica no longer leads its shard; a request made
+    for a task impersonates the task's ServiceAccount (impersonation.py)."""
     rest = api.rest_client
     unbounded: Any = rest.request
 
     async def request(method: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
         if method.upper() in WRITES:
             fencing.check()
+        acting = impersonation.headers()
+        if acting:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **acting}
         return await unbounded(method, *args, _request_timeout=_request_timeout or seconds, **kwargs)
 
     rest.request = request  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from . import durations, machine
+from .impersonation import DEFAULT_SERVICE_ACCOUNT
 
 GROUP = "pythontask.dev"
 VERSION = "v1alpha1"
@@ -189,6 +190,7 @@ class OutputSpec(Model):
 
 
 class PythonTaskSpec(Model):
+    service_account_name: str = Field(DEFAULT_SERVICE_ACCOUNT, min_length=1, max_length=253)
     target: Target
     script: Script
     args: list[str] = Field(default_factory=list)

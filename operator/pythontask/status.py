@@ -52,6 +52,7 @@ class Reason(StrEnum):
     STATE_DIR_NOT_WRITABLE = "StateDirNotWritable"
     UNSUPPORTED_PYTHON = "UnsupportedPython"
     OUTPUT_LIMIT_EXCEEDED = "OutputLimitExceeded"
+    FORBIDDEN = "Forbidden"
 
 
 SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
