@@ -37,8 +37,8 @@ from kubernetes_asyncio import client, config, watch  # noqa: E402
 import exec_clients  # noqa: E402
 from pythontask.exec_client import ExecTarget  # noqa: E402
 from pythontask.spec import GROUP, PLURAL, VERSION  # noqa: E402
+from support import access, real_node  # noqa: E402
 from support import cluster as local_cluster  # noqa: E402
-from support import real_node  # noqa: E402
 from support.objects import deployment_manifest, is_ready, pod_manifest, ready_pods  # noqa: E402
 from support.operator import OperatorProcess  # noqa: E402
 from support.waiting import eventually  # noqa: E402
@@ -103,6 +103,7 @@ class Bench:
         self.cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=300)
         await self.core.create_namespace({"metadata": {"name": NS}})
         await self._until(self._has_default_sa, 60)
+        await access.open_namespace(self.core.api_client, NS)
         await self.core.create_namespaced_pod(NS, pod_manifest("exec-target"))
         await self.apps.create_namespaced_deployment(NS, deployment_manifest("workers", replicas=10))
         await self._until(lambda: self._ready_count("app=workers", 10), 120)

@@ -34,8 +34,8 @@ import aiohttp  # noqa: E402
 from kubernetes_asyncio import client, config  # noqa: E402
 
 from pythontask.spec import GROUP, PLURAL, VERSION  # noqa: E402
+from support import access, real_node  # noqa: E402
 from support import cluster as local_cluster  # noqa: E402
-from support import real_node  # noqa: E402
 from support.objects import is_ready  # noqa: E402
 from support.operator import OperatorProcess  # noqa: E402
 from support.waiting import eventually  # noqa: E402
@@ -222,6 +222,7 @@ class Soak:
             return bool(accounts.items)
 
         await eventually(service_account, within=60, what="the default ServiceAccount")
+        await access.open_namespace(core.api_client, NS)
         await apps.create_namespaced_deployment(NS, deployment())
 
         async def three_ready() -> bool:

@@ -89,7 +89,8 @@ delete() {
   # Not the CRD: deleting it would delete every PythonTask in the cluster.
   kubectl delete namespace "$NAMESPACE" --ignore-not-found --wait=true >&2
   kubectl delete clusterrolebinding/pythontask-operator clusterrole/pythontask-operator \
-    clusterrole/pythontask-operator-inputs --ignore-not-found >&2
+    clusterrole/pythontask-operator-impersonate clusterrole/pythontask-runner \
+    clusterrole/pythontask-edit clusterrole/pythontask-view --ignore-not-found >&2
 }
 
 case ${1:-apply} in

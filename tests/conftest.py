@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
+from support import access
 from support import cluster as local_cluster
 from support import real_node as real
 from support.operator import OperatorProcess
@@ -61,7 +62,9 @@ def apps(api: client.ApiClient) -> client.AppsV1Api:
 
 
 @pytest.fixture
-async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+async def namespace(
+    api: client.ApiClient, core: client.CoreV1Api, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
     """A fresh namespace per test, deleted afterwards (without waiting for it to go)."""
     base = request.node.name.lower().replace("_", "-")
     name = f"{base[:40].strip('-[]')}-{uuid.uuid4().hex[:6]}"
@@ -74,6 +77,7 @@ async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> A
         return bool(accounts.items)
 
     await eventually(default_service_account, within=60, what=f"the default ServiceAccount in {name}")
+    await access.open_namespace(api, name)  # opted in, as its admin would (manifests/namespace-access)
     yield name
     await core.delete_namespace(name, grace_period_seconds=0)
 
@@ -82,8 +86,8 @@ async def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> A
 def crds(cluster: local_cluster.Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(local_cluster.ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pythontasks.pythontask.dev")
-    # Where the operators' Leases live.
-    cluster.kubectl("apply", "--server-side", "-f", str(local_cluster.ROOT / "manifests/namespace.yaml"))
+    # Where the operators' Leases live, their ServiceAccount and its rights: those of the install.
+    access.install_operator_rbac(cluster)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,10 @@ hundreds. A right that is missing fails the task at once (reason Forbidden), nam
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from kubernetes_asyncio import client
 
@@ -31,10 +32,19 @@ class Right:
 
 
 def needed(spec: PythonTaskSpec) -> list[Right]:
-    """What running this task takes, for every task (pods, exec) and for what it uses."""
-    rights = [Right("get", "pods"), Right("list", "pods"), Right("watch", "pods"), Right("create", "pods", "exec")]
+    """What running this task takes: its pods (the cache lists and watches them), exec, and what it
+    names. Deleting pods is asked for where the spec says it will: a template, or onHang RestartPod.
+    The default onHang restarts a controlled pod only if the account may (else it retries in place)."""
+    rights = [
+        Right("get", "pods"),
+        Right("list", "pods"),
+        Right("watch", "pods"),
+        Right("create", "pods", "exec"),
+    ]
     if spec.target.template is not None:
         rights += [Right("create", "pods"), Right("delete", "pods")]
+    elif spec.on_hang == "RestartPod":
+        rights.append(Right("delete", "pods"))
     if spec.script.config_map_key_ref is not None:
         rights.append(Right("get", "configmaps", name=spec.script.config_map_key_ref.name))
     for env in spec.env:
@@ -43,23 +53,35 @@ def needed(spec: PythonTaskSpec) -> list[Right]:
             rights.append(Right("get", "secrets", name=source.secret_key_ref.name))
         if source is not None and source.config_map_key_ref is not None:
             rights.append(Right("get", "configmaps", name=source.config_map_key_ref.name))
-    return rights
+    return list(dict.fromkeys(rights))
 
 
 class Access:
-    def __init__(self, api: client.ApiClient, clock: Any = time.monotonic) -> None:
+    """SelfSubjectAccessReviews as a task's ServiceAccount, grants kept ANSWER_SECONDS; the same
+    question asked by many tasks at once is sent once."""
+
+    def __init__(self, api: client.ApiClient, clock: Callable[[], float] = time.monotonic) -> None:
         self._authorization = client.AuthorizationV1Api(api)
         self._answers: dict[tuple[Identity, Right], tuple[bool, float]] = {}
+        self._asking: dict[tuple[Identity, Right], asyncio.Future[bool]] = {}
         self._clock = clock
 
     async def missing(self, identity: Identity, rights: list[Right]) -> list[Right]:
-        return [right for right in rights if not await self.allowed(identity, right)]
+        answers = await asyncio.gather(*(self.allowed(identity, right) for right in rights))
+        return [right for right, allowed in zip(rights, answers, strict=True) if not allowed]
 
     async def allowed(self, identity: Identity, right: Right) -> bool:
-        now = self._clock()
-        known = self._answers.get((identity, right))
-        if known is not None and now - known[1] < ANSWER_SECONDS:
+        key = (identity, right)
+        known = self._answers.get(key)
+        if known is not None and self._clock() - known[1] < ANSWER_SECONDS:
             return known[0]
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = self._asking[key] = asyncio.ensure_future(self._ask(identity, right))
+            asking.add_done_callback(lambda _: self._asking.pop(key, None))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, identity: Identity, right: Right) -> bool:
         review = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",
@@ -73,23 +95,19 @@ class Access:
                 }
             },
         }
+        # Impersonating: the answer is the account's. The operator may not impersonate it at all (the
+        # namespace did not opt in): then this raises impersonation.Forbidden, saying so.
         with impersonation.as_task(identity):
             answer = await self._authorization.create_self_subject_access_review(review)  # type: ignore[arg-type]
         allowed = bool(answer.status.allowed)
-        self._answers[(identity, right)] = (allowed, now)
+        if allowed:  # a refusal is asked again next time: a grant takes effect at once
+            self._answers[(identity, right)] = (allowed, self._clock())
         return allowed
 
-    def forget(self, identity: Identity) -> None:
-        """After a Forbidden at run time: ask again next time."""
-        for key in [k for k in self._answers if k[0] == identity]:
-            del self._answers[key]
 
-
-def forbidden_message(identity: Identity, missing: list[Right]) -> str:
-    rights = ", ".join(str(r) for r in missing)
+def grant_hint(namespace: str) -> str:
     return (
-        f"ServiceAccount {identity.service_account} (namespace {identity.namespace}) may not: {rights}. "
-        f"Nothing was run and no pod was touched. Grant these to {identity.username} (for example "
-        f"`kubectl apply -k manifests/namespace-access -n {identity.namespace}`), or name another "
-        "ServiceAccount in spec.serviceAccountName."
+        "Nothing was run. A namespace admin grants what a task needs with "
+        f"`kubectl apply -k manifests/namespace-access -n {namespace}` (or a Role of their own), or the "
+        "task names another ServiceAccount in spec.serviceAccountName."
     )

@@ -20,6 +20,8 @@ class Settings:
     kill_grace_seconds: float = _setting(5.0, "PYTHONTASK_KILL_GRACE_SECONDS")
     #: Attempts running at once (each holds an exec connection).
     max_attempts_in_flight: int = _setting(1000, "PYTHONTASK_MAX_IN_FLIGHT")
+    #: Attempts running at once in one namespace (0: no cap), so one tenant cannot starve the others.
+    max_in_flight_per_namespace: int = _setting(250, "PYTHONTASK_MAX_IN_FLIGHT_PER_NAMESPACE")
     #: Attempts *starting* at once; more would only queue up in the apiserver and kubelet.
     max_connecting: int = _setting(32, "PYTHONTASK_MAX_CONNECTING")
     #: Default bound on one attempt's stdout+stderr on the container's disk (spec.output.maxBytes wins).

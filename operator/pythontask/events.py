@@ -11,7 +11,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import status
+from . import impersonation, status
 from .spec import GROUP, KIND, VERSION
 
 COMPONENT = "pythontask-operator"
@@ -99,7 +99,8 @@ class Events:
             "reportingInstance": INSTANCE,
         }
         try:
-            await self._core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
+            with impersonation.as_operator():  # the operator's own voice, whoever the task acts as
+                await self._core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
         except (ApiException, OSError) as e:
             log.warning("event not recorded", reason=reason, error=str(e))
 

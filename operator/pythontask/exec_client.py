@@ -125,6 +125,13 @@ async def open_exec(
             connect_timeout,
         )
     except aiohttp.WSServerHandshakeError as e:
+        forbidden = (
+            impersonation.refused(f"may not exec into pod {target.pod} (create pods/exec: 403 Forbidden)")
+            if e.status == 403
+            else None
+        )
+        if forbidden is not None:
+            raise forbidden from e
         raise ExecError(
             f"exec into {target.pod}/{target.container} refused: {e.status} {e.message}", status=e.status
         ) from e

@@ -39,6 +39,19 @@ _current: ContextVar[Identity | None] = ContextVar("pythontask_identity", defaul
 
 @contextlib.contextmanager
 def as_task(identity: Identity) -> Iterator[None]:
+    with acting_as(identity):
+        yield
+
+
+@contextlib.contextmanager
+def as_operator() -> Iterator[None]:
+    with acting_as(None):
+        yield
+
+
+@contextlib.contextmanager
+def acting_as(identity: Identity | None) -> Iterator[None]:
+    """Exactly this identity (None: the operator itself), whatever the surrounding work acts as."""
     token = _current.set(identity)
     try:
         yield
@@ -46,13 +59,21 @@ def as_task(identity: Identity) -> Iterator[None]:
         _current.reset(token)
 
 
-@contextlib.contextmanager
-def as_operator() -> Iterator[None]:
-    token = _current.set(None)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class Forbidden(Exception):
+    """RBAC refused a request made for a task (403 while impersonating its ServiceAccount): retrying
+    cannot help until someone grants the right, so the task fails with reason Forbidden."""
+
+    def __init__(self, identity: Identity, detail: str) -> None:
+        who = f"ServiceAccount {identity.service_account} (namespace {identity.namespace})"
+        super().__init__(f"{who}: {detail}")
+        self.identity = identity
+        self.detail = detail
+
+
+def refused(detail: str) -> Forbidden | None:
+    """The Forbidden to raise for a 403 answered now, if the request was made for a task."""
+    identity = _current.get()
+    return Forbidden(identity, detail) if identity is not None else None
 
 
 def current() -> Identity | None:

@@ -19,10 +19,11 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client
 
-from . import fencing
+from . import fencing, impersonation
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError
 from .exec_client import ExecError, ExecTarget
+from .impersonation import Identity
 
 log = structlog.get_logger(__name__)
 FLUSH_SECONDS = 2.0
@@ -32,7 +33,8 @@ CALL_TIMEOUT_SECONDS = 60.0
 # after each of these delays, then left: a directory left over is harmless, only untidy.
 RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)
 
-_Key = tuple[str, str, str, tuple[str, ...]]  # namespace, pod, container, python
+# namespace, pod, container, python, and whose rights remove them: the task's ServiceAccount's.
+_Key = tuple[str, str, str, tuple[str, ...], Identity | None]
 
 
 @dataclass
@@ -59,11 +61,16 @@ class Janitor:
 
     def forget(self, target: ExecTarget, python: list[str], attempt_dir: str) -> None:
         """Queues an attempt directory whose outcome is recorded in status."""
-        self._queue((target.namespace, target.pod, target.container, tuple(python)), "dirs", attempt_dir, 0)
+        self._queue(self._key(target, python), "dirs", attempt_dir, 0)
 
     def forget_task(self, target: ExecTarget, python: list[str], task_dir: str) -> None:
         """Queues a whole task directory (a finished or deleted task: tombstones included)."""
-        self._queue((target.namespace, target.pod, target.container, tuple(python)), "tasks", task_dir, 0)
+        self._queue(self._key(target, python), "tasks", task_dir, 0)
+
+    @staticmethod
+    def _key(target: ExecTarget, python: list[str]) -> _Key:
+        # Queued while working for a task: removed later, in the background, with that task's rights.
+        return (target.namespace, target.pod, target.container, tuple(python), impersonation.current())
 
     def busy(self) -> bool:
         return bool(self._pending or self._later)
@@ -104,17 +111,25 @@ class Janitor:
                 await self._send(key, dirs[start : start + MAX_BATCH], tasks[start : start + MAX_BATCH])
 
     async def _send(self, key: _Key, dirs: list[tuple[str, int]], tasks: list[tuple[str, int]]) -> None:
-        namespace, pod, container, python = key
+        namespace, pod, container, python, identity = key
         request = {"op": "forget", "dirs": [d for d, _ in dirs], "tasks": [t for t, _ in tasks]}
         try:
-            answer = await agent_call(
-                self._api,
-                ExecTarget(namespace, pod, container),
-                list(python),
-                request,
-                within=CALL_TIMEOUT_SECONDS,
-            )
-        except (ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            with impersonation.acting_as(identity):
+                answer = await agent_call(
+                    self._api,
+                    ExecTarget(namespace, pod, container),
+                    list(python),
+                    request,
+                    within=CALL_TIMEOUT_SECONDS,
+                )
+        except (
+            ExecError,
+            AgentProtocolError,
+            impersonation.Forbidden,
+            aiohttp.ClientError,
+            OSError,
+            TimeoutError,
+        ) as e:
             # The pod may be gone (and its files with it): then the retries fail too, and stop.
             log.debug("attempt directories not removed", pod=pod, error=str(e))
             answer = None

@@ -55,7 +55,13 @@ def bound_requests(api: client.ApiClient, seconds: float) -> None:
         acting = impersonation.headers()
         if acting:
             kwargs["headers"] = {**(kwargs.get("headers") or {}), **acting}
-        return await unbounded(method, *args, _request_timeout=_request_timeout or seconds, **kwargs)
+        try:
+            return await unbounded(method, *args, _request_timeout=_request_timeout or seconds, **kwargs)
+        except ApiException as e:
+            forbidden = impersonation.refused(api_message(e)) if e.status == 403 else None
+            if forbidden is not None:
+                raise forbidden from e
+            raise
 
     rest.request = request  # type: ignore[method-assign]
 
@@ -77,15 +83,17 @@ def api_message(error: ApiException) -> str:
 
 
 class Tasks:
-    """PythonTask reads and writes."""
+    """PythonTask reads and writes: the operator's own business, done with its own rights even while
+    working for a task (never impersonating the task's ServiceAccount)."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self._custom = client.CustomObjectsApi(api)
 
     async def get(self, namespace: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
+        with impersonation.as_operator():
+            result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
         return result
 
     async def patch_status(
@@ -95,15 +103,17 @@ class Tasks:
         body: dict[str, Any] = {"status": status}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
-        result: dict[str, Any] = await self._custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
-        )  # type: ignore[call-arg]
+        with impersonation.as_operator():
+            result: dict[str, Any] = await self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
+            )  # type: ignore[call-arg]
         return result
 
     async def patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
-        )  # type: ignore[call-arg]
+        with impersonation.as_operator():
+            result: dict[str, Any] = await self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
+            )  # type: ignore[call-arg]
         return result
 
     async def set_finalizer(self, body: dict[str, Any], finalizer: str, present: bool) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Picking a pod reads the cache (no request per task); waiting for a Ready pod waits for the cache to
 change; an attempt learns that its pod is gone or its container instance ended (attempt_fate) even while
 its script is silent. The watch runs while at least one task of the namespace is active and stops after
-the last one ends.
+the last one ends. It acts as the tasks' ServiceAccount (one watch per namespace and account): what a
+task may not see, its cache does not hold.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client, watch
 
-from . import attempt_fate
+from . import attempt_fate, impersonation
+from .impersonation import Identity
 from .machine import AttemptRecord
 
 log = structlog.get_logger(__name__)
@@ -33,9 +35,11 @@ WATCH_SILENCE_SECONDS = 120
 class NamespacePods:
     """One namespace's pods, by uid, as the last list+watch saw them."""
 
-    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+    def __init__(self, core: client.CoreV1Api, namespace: str, identity: Identity | None = None) -> None:
         self._core = core
         self.namespace = namespace
+        self.identity = identity
+        self.refused: impersonation.Forbidden | None = None  # the last list was refused (RBAC)
         self.pods: dict[str, Any] = {}
         self.synced = asyncio.Event()
         self._changed = asyncio.Event()
@@ -78,10 +82,15 @@ class NamespacePods:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
+        with impersonation.acting_as(self.identity):
+            await self._list_and_watch()
+
+    async def _list_and_watch(self) -> None:
         failures = 0
         while True:
             try:
                 listing = await self._core.list_namespaced_pod(self.namespace)
+                self.refused = None
                 self.pods = {p.metadata.uid: p for p in listing.items}
                 self.synced.set()
                 self._notify()
@@ -102,6 +111,11 @@ class NamespacePods:
                     self._notify()
             except asyncio.CancelledError:
                 raise
+            except impersonation.Forbidden as e:
+                # Its users fail (reason Forbidden) rather than wait; a grant is seen on the next list.
+                failures += 1
+                self.refused = e
+                self.synced.set()
             except Exception as e:  # a background watch must outlive any single failure
                 failures += 1
                 level = log.warning if failures >= 3 else log.debug
@@ -116,23 +130,27 @@ class NamespacePods:
 class PodCache:
     def __init__(self, api: client.ApiClient) -> None:
         self._core = client.CoreV1Api(api)
-        self._namespaces: dict[str, NamespacePods] = {}
+        self._namespaces: dict[tuple[str, Identity | None], NamespacePods] = {}
 
     @contextlib.asynccontextmanager
     async def using(self, namespace: str) -> AsyncIterator[NamespacePods]:
-        """The namespace's pods, kept current while the caller (an active task) needs them."""
-        view = self._namespaces.get(namespace)
+        """The namespace's pods as the current identity sees them, kept current while the caller (an
+        active task) needs them. Raises impersonation.Forbidden if that identity may not list them."""
+        key = (namespace, impersonation.current())
+        view = self._namespaces.get(key)
         if view is None:
-            view = self._namespaces[namespace] = NamespacePods(self._core, namespace)
+            view = self._namespaces[key] = NamespacePods(self._core, *key)
             view.task = asyncio.get_running_loop().create_task(view.run())
         view.users += 1
         try:
             await asyncio.wait_for(view.synced.wait(), SYNC_TIMEOUT_SECONDS)
+            if view.refused is not None:
+                raise impersonation.Forbidden(view.refused.identity, view.refused.detail)
             yield view
         finally:
             view.users -= 1
             if view.users == 0:
-                del self._namespaces[namespace]
+                del self._namespaces[key]
                 if view.task is not None:
                     view.task.cancel()
 

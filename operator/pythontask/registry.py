@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import fencing
+from . import fencing, impersonation
 from . import status as st
 from .exec_client import ExecTarget
+from .impersonation import Identity
 from .kube import is_not_found
 from .leases import shard_of
 from .runner import (
@@ -186,7 +187,7 @@ class Registry:
         shard = self.shard(body)
 
         async def run() -> None:
-            with fencing.on_behalf_of(self.ownership.fence(shard)):
+            with fencing.on_behalf_of(self.ownership.fence(shard)), impersonation.as_task(Identity.of(body)):
                 if previous is not None:
                     await asyncio.wait([previous.task])  # its stop kills (and confirms) the old attempt first
                 await runner.run()
@@ -273,7 +274,14 @@ class Registry:
                 records.setdefault(current["id"], record_from_status(current))
             for record in records.values():
                 # Confirmed gone (again, if a runner did it: then this costs one quick exec).
-                await ensure_stopped(self.ctx, body, record, str(StopReason.DELETED))
+                try:
+                    await ensure_stopped(self.ctx, body, record, str(StopReason.DELETED))
+                except impersonation.Forbidden as refused:
+                    # Its account may no longer reach the pod: nobody could stop the script for it, and
+                    # holding the deletion for ever helps no one. Said loudly, then let go.
+                    message = f"Could not make sure attempt {record.number} stopped: {refused}"
+                    log.warning("deleted task released unconfirmed", task=meta["name"], problem=str(refused))
+                    await self.ctx.events.warning(body, "StopNotConfirmed", message)
             self._purge(body)
             await self.ctx.tasks.set_finalizer(body, FINALIZER, False)
             self.failures.pop(uid, None)
@@ -318,11 +326,11 @@ class Registry:
             self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 0.0), body)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], body: dict[str, Any]) -> None:
-        """Background work for one task, behind its shard's fence."""
+        """Background work for one task, behind its shard's fence, acting as its ServiceAccount."""
         shard = self.shard(body)
 
         async def fenced() -> None:
-            with fencing.on_behalf_of(self.ownership.fence(shard)):
+            with fencing.on_behalf_of(self.ownership.fence(shard)), impersonation.as_task(Identity.of(body)):
                 try:
                     await coro
                 except fencing.LeaseLost:

@@ -29,8 +29,9 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import attempt_fate, exec_wire, fencing, machine
+from . import attempt_fate, exec_wire, fencing, impersonation, machine
 from . import status as st
+from .access import Access, grant_hint, needed
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError, Message
 from .attempt import STREAM_SILENCE_SECONDS, AttemptOutcome, AttemptRequest, Limits, run_attempt
@@ -39,11 +40,13 @@ from .config import Settings
 from .events import Events
 from .exec_client import ExecError, ExecTarget
 from .failures import TaskFailure
+from .impersonation import Identity
 from .inputs import Inputs, ResolvedInputs, mask, mask_tail
 from .janitor import Janitor
 from .kube import Tasks, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
+from .slots import NamespaceSlots
 from .spec import PythonTaskSpec
 from .state_codec import attempt_id, record_from_status, state_from_status, status_of
 
@@ -72,7 +75,9 @@ class Context:
     events: Events
     pod_cache: PodCache
     janitor: Janitor
+    access: Access
     slots: asyncio.Semaphore
+    namespace_slots: NamespaceSlots
     connecting: asyncio.Semaphore
 
     @classmethod
@@ -86,7 +91,9 @@ class Context:
             events=Events(api),
             pod_cache=PodCache(api),
             janitor=Janitor(api),
+            access=Access(api),
             slots=asyncio.Semaphore(settings.max_attempts_in_flight),
+            namespace_slots=NamespaceSlots(settings.max_in_flight_per_namespace),
             connecting=asyncio.Semaphore(settings.max_connecting),
         )
 
@@ -179,6 +186,23 @@ class TaskRunner:
             )
             await self._write_final(spec=None, state=final)
             return
+        try:
+            await self._run_as_allowed(spec)
+        except impersonation.Forbidden as refused:
+            # RBAC refused something this task needs: the namespace's admin must grant it first. A 403
+            # means the request was not carried out, so nothing was started by it.
+            message = f"{refused}. {grant_hint(self.namespace)}"
+            final = machine.give_up(self.state, st.Reason.FORBIDDEN, message, time.time())
+            self.state = final
+            await self._write_final(spec, final)
+
+    async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
+        if not (self.body.get("status") or {}).get("currentAttempt"):
+            # Before anything is touched: may the task's ServiceAccount do all this task needs?
+            identity = Identity.of(self.body)
+            missing = await self.ctx.access.missing(identity, needed(spec))
+            if missing:
+                raise impersonation.Forbidden(identity, f"may not {', '.join(map(str, missing))}")
         # The namespace's pods stay cached (one watch) while this task is active.
         async with self.ctx.pod_cache.using(self.namespace) as view:
             self.view = view
@@ -534,7 +558,7 @@ class TaskRunner:
             "attempt ended", attempt=record.number, kind=str(outcome.kind), action=str(decision.action)
         )
         if decision.action is machine.Action.RESTART_POD and pod is not None:
-            await self._restart_pod(pod)
+            await self._restart_pod(pod, asked=spec.on_hang == "RestartPod")
         state = machine.pod_restarted(state) if state.restart_pod else state
         if not state.terminal:
             message = mask(decision.message, outcome.mask)
@@ -557,15 +581,24 @@ class TaskRunner:
             target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, record.id)
         )
 
-    async def _restart_pod(self, pod: Any) -> None:
+    async def _restart_pod(self, pod: Any, *, asked: bool) -> None:
+        """`asked`: the spec says onHang RestartPod; else it is the default, which an account that may
+        not delete pods does without (the task retries in the same pod)."""
         owner = next((o for o in pod.metadata.owner_references or [] if o.controller), None)
         by = f"{owner.kind} {owner.name}" if owner else "this task"
+        try:
+            await self.ctx.pods.delete(pod)
+        except impersonation.Forbidden as refused:
+            if asked:
+                raise
+            message = f"Not restarting pod {pod.metadata.name} ({refused}); the task retries in it."
+            await self.ctx.events.warning(self.body, "PodNotRestarted", message)
+            return
         await self.ctx.events.warning(
             self.body,
             "RestartingPod",
-            f"Deleting pod {pod.metadata.name}; {by} will replace it, then the task retries.",
+            f"Deleted pod {pod.metadata.name}; {by} will replace it, then the task retries.",
         )
-        await self.ctx.pods.delete(pod)
 
     async def _target_pod(self, spec: PythonTaskSpec, state: machine.TaskState, wait: float) -> Any:
         pods = self.ctx.pods
@@ -598,16 +631,26 @@ class TaskRunner:
 
     @contextlib.asynccontextmanager
     async def _slot(self, state: machine.TaskState) -> AsyncIterator[None]:
-        """One of PYTHONTASK_MAX_IN_FLIGHT slots; a task waiting for one says so."""
-        if self.ctx.slots.locked():
-            limit = self.ctx.settings.max_attempts_in_flight
+        """One of its namespace's slots, then one of the operator's; a task waiting for either says so.
+        The namespace's first: a namespace at its cap holds none of the operator-wide slots."""
+        settings = self.ctx.settings
+        if self.ctx.namespace_slots.full(self.namespace):
             await self._pending(
-                f"Queued: {limit} attempts are in flight (the operator's PYTHONTASK_MAX_IN_FLIGHT).",
+                f"Queued: {settings.max_in_flight_per_namespace} attempts of namespace {self.namespace} "
+                "are in flight (the operator's PYTHONTASK_MAX_IN_FLIGHT_PER_NAMESPACE).",
                 state,
                 st.Reason.QUEUED,
             )
-        async with self.ctx.slots:
-            yield
+        async with self.ctx.namespace_slots.hold(self.namespace):
+            if self.ctx.slots.locked():
+                await self._pending(
+                    f"Queued: {settings.max_attempts_in_flight} attempts are in flight (the operator's "
+                    "PYTHONTASK_MAX_IN_FLIGHT).",
+                    state,
+                    st.Reason.QUEUED,
+                )
+            async with self.ctx.slots:
+                yield
 
     async def _record_attempt(self, state: machine.TaskState, pod: Any, container: str) -> machine.TaskState:
         now = time.time()

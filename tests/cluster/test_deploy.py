@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
+from support import access
 from support import real_node as real
 from support.cluster import ROOT, Cluster, processes_mentioning
 from support.objects import is_ready
@@ -159,6 +160,7 @@ async def _run_a_task_in_cluster(
         return bool(accounts.items)
 
     await eventually(default_service_account, within=60, what=f"the default ServiceAccount in {namespace}")
+    await access.open_namespace(api, namespace)
     await real.ready_real_pod(core, namespace, "target")
     tasks = TaskClient(api, namespace)
     script = "import os, sys\nprint('in-cluster', sys.version_info[0], os.environ['PYTHONTASK_ATTEMPT'])\n"

@@ -25,6 +25,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from pythontask.leases import Timing, shard_lease_name
+from support import access
 from support.cluster import ROOT, Cluster
 from support.operator import OperatorProcess, free_port
 from support.pods import ready_pod
@@ -276,6 +277,7 @@ async def thirty_namespaces(core: client.CoreV1Api) -> AsyncIterator[list[str]]:
         return set(names) <= {a.metadata.namespace for a in listing.items}
 
     await eventually(accounts, within=60, what="default ServiceAccounts in 30 namespaces")
+    await asyncio.gather(*(access.open_namespace(core.api_client, name) for name in names))
     await asyncio.gather(*(ready_pod(core, name) for name in names))
     yield names
     for name in names:

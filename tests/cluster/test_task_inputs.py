@@ -10,6 +10,7 @@ from kubernetes_asyncio import client
 
 from pythontask.spec import MAX_INLINE_BYTES
 from support.cluster import Cluster
+from support.operator import OperatorProcess
 from support.pods import ready_pod
 from support.tasks import TaskClient
 
@@ -88,8 +89,8 @@ async def test_args_env_and_working_dir_reach_the_script(
     }
 
 
-async def test_a_secret_env_value_appears_nowhere_in_status_or_events(
-    cluster: Cluster, core: client.CoreV1Api, tasks: TaskClient
+async def test_a_secret_env_value_appears_nowhere_in_status_events_or_logs(
+    cluster: Cluster, core: client.CoreV1Api, tasks: TaskClient, operator: OperatorProcess
 ) -> None:
     await ready_pod(core, tasks.namespace)
     secret = "s3cr3t-Tok3n-42"
@@ -104,12 +105,15 @@ async def test_a_secret_env_value_appears_nowhere_in_status_or_events(
         "target": {"podName": "worker"},
         "script": {"inline": script},
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
-        "retry": {"limit": 0},
+        # One retry: the Retrying message and its Warning Event carry the first attempt's failure.
+        "retry": {"limit": 1, "backoff": {"initial": "1s"}},
     }
     status = await tasks.run("secret", spec)
-    assert status["phase"] == "Failed"
+    assert (status["phase"], status["attempts"]) == ("Failed", 2)
     assert status["output"]["stdout"] == f"got {len(secret)} ***\n"  # the script got it; status shows a mask
     assert status["output"]["stderr"] == "bad ***\n"
     everything = cluster.kubectl("get", "pythontask", "secret", "-n", tasks.namespace, "-o", "json").stdout
     everything += cluster.kubectl("get", "events", "-n", tasks.namespace, "-o", "json").stdout
+    assert "Retrying" in everything or "retry" in everything.lower()
     assert secret not in everything
+    assert secret not in operator.log_path.read_text(errors="replace")

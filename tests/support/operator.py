@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from support import access
 from support.cluster import ROOT, Cluster
 
 
@@ -46,6 +47,14 @@ class OperatorProcess:
         self.extra_env = {**SHORT_LEASE, "PYTHONTASK_IDENTITY": self.name, **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._kubeconfig: Path | None = None
+
+    def kubeconfig(self) -> Path:
+        """Its ServiceAccount's token, with the install's RBAC: never the admin kubeconfig."""
+        if self._kubeconfig is None:
+            access.install_operator_rbac(self.cluster)
+            self._kubeconfig = access.operator_kubeconfig(self.cluster)
+        return self._kubeconfig
 
     @property
     def log_path(self) -> Path:
@@ -67,7 +76,7 @@ class OperatorProcess:
         """Starts the operator and waits until it is live; `extra_env` applies to this start only."""
         self.starts += 1
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.extra_env, **extra_env}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig()), **self.extra_env, **extra_env}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(

@@ -1,0 +1,194 @@
+"""A PythonTask can never do more than its ServiceAccount may: the operator runs with its own token (the
+install's RBAC), acts for each task as the task's ServiceAccount, and the apiserver's audit log shows
+every request it made about pods, Secrets and ConfigMaps, with the account it acted as."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_asyncio import client
+
+from support.cluster import Cluster
+from support.pods import ready_pod
+from support.tasks import TaskClient, task_manifest
+
+OPERATOR = "system:serviceaccount:pythontask-system:pythontask-operator"
+
+
+def audited(cluster: Cluster, since: datetime) -> list[dict[str, Any]]:
+    """What the operator's ServiceAccount asked of pods, pods/exec, Secrets and ConfigMaps since then."""
+    entries = []
+    for line in cluster.audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        received = datetime.fromisoformat(entry["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if (
+            entry["user"]["username"] == OPERATOR
+            and entry["objectRef"].get("resource") in ("pods", "secrets", "configmaps")
+            and received >= since
+            and entry["stage"] == "ResponseComplete"
+        ):
+            entries.append(entry)
+    return entries
+
+
+def as_user(cluster: Cluster, user: str, namespace: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("create", "--as", user, "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+async def limited_account(
+    rbac: client.RbacAuthorizationV1Api, core: client.CoreV1Api, namespace: str
+) -> None:
+    """ServiceAccount `limited`: may see pods, may not exec."""
+    await core.create_namespaced_service_account(namespace, {"metadata": {"name": "limited"}})
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "limited"}, "rules": rules})
+    await rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "limited"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "limited"},
+            "subjects": [{"kind": "ServiceAccount", "name": "limited"}],
+        },
+    )
+
+
+@pytest.fixture
+def rbac(api: client.ApiClient) -> client.RbacAuthorizationV1Api:
+    return client.RbacAuthorizationV1Api(api)
+
+
+async def test_a_task_cannot_exec_where_its_account_may_not_and_can_once_granted(
+    cluster: Cluster, core: client.CoreV1Api, rbac: client.RbacAuthorizationV1Api, tasks: TaskClient
+) -> None:
+    namespace = tasks.namespace
+    await ready_pod(core, namespace, "worker")
+    await limited_account(rbac, core, namespace)
+    # Alice may create PythonTasks here, and nothing else: not exec, not even read pods.
+    alice = f"alice-{uuid.uuid4().hex[:6]}"
+    rules = [{"apiGroups": ["pythontask.dev"], "resources": ["pythontasks"], "verbs": ["create"]}]
+    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "task-author"}, "rules": rules})
+    await rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "task-author"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "task-author"},
+            "subjects": [{"kind": "User", "name": alice}],
+        },
+    )
+    assert (
+        cluster.kubectl(
+            "auth", "can-i", "create", "pods/exec", "--as", alice, "-n", namespace, check=False
+        ).stdout.strip()
+        == "no"
+    )
+    since = datetime.now(UTC)
+    script = "print('ran as', 'limited')"
+    spec = {"serviceAccountName": "limited", "target": {"podName": "worker"}, "script": {"inline": script}}
+    as_user(cluster, alice, namespace, task_manifest("sneaky", spec))
+
+    status = await tasks.wait_status("sneaky")
+    assert (status["phase"], status["reason"]) == ("Failed", "Forbidden"), status
+    assert "create pods/exec" in status["message"], status["message"]
+    assert "limited" in status["message"]
+    assert "namespace-access" in status["message"]
+    assert not status.get("attempts"), status  # nothing was run
+    # Nothing was asked of the pod: no exec, no read, as the operator or anyone it acted as.
+    touched = [e for e in audited(cluster, since) if e["objectRef"].get("namespace") == namespace]
+    assert not [e for e in touched if e["objectRef"].get("subresource") == "exec"], touched
+
+    # The namespace admin grants the account exec: the same task, rerun, succeeds.
+    await rbac.patch_namespaced_role(
+        "limited",
+        namespace,
+        {
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
+            ]
+        },
+    )
+    await tasks.patch("sneaky", {"metadata": {"annotations": {"pythontask.dev/rerun": "granted"}}})
+    status = await tasks.wait_status("sneaky", phases=("Succeeded",))
+    assert status["output"]["stdout"] == "ran as limited\n"
+    execs = [e for e in audited(cluster, since) if e["objectRef"].get("subresource") == "exec"]
+    assert execs, "no exec audited"
+    for entry in execs:
+        assert entry["impersonatedUser"]["username"] == f"system:serviceaccount:{namespace}:limited", entry
+
+
+@pytest.fixture
+async def other_namespace(api: client.ApiClient, core: client.CoreV1Api) -> AsyncIterator[str]:
+    """Namespace B, opted in too, with a pod and a Secret of its own."""
+    from support.access import open_namespace  # noqa: PLC0415 - beside the fixture that uses it
+
+    name = f"tenant-b-{uuid.uuid4().hex[:6]}"
+    await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
+    await open_namespace(api, name)
+    await core.create_namespaced_secret(
+        name, {"metadata": {"name": "b-only"}, "stringData": {"key": "b-secret"}}
+    )
+    yield name
+    await core.delete_namespace(name, grace_period_seconds=0)
+
+
+async def test_a_task_never_touches_another_namespace(
+    cluster: Cluster, core: client.CoreV1Api, tasks: TaskClient, other_namespace: str
+) -> None:
+    await ready_pod(core, other_namespace, "b-worker")
+    await ready_pod(core, tasks.namespace, "worker")
+    since = datetime.now(UTC)
+    # Names that exist only in B: a task of A resolves every name in A, as A's ServiceAccount.
+    env = [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "b-only", "key": "key"}}}]
+    status = await tasks.run(
+        "secret-of-b", {"target": {"podName": "worker"}, "script": {"inline": "print(1)"}, "env": env}
+    )
+    assert (status["phase"], "b-only" in status["message"]) == ("Failed", True), status
+    status = await tasks.run(
+        "pod-of-b",
+        {
+            "target": {"podName": "b-worker"},
+            "script": {"inline": "print(1)"},
+            "timeouts": {"podReady": "3s"},
+        },
+    )
+    assert (status["phase"], "b-worker" in status["message"]) == ("Failed", True), status
+    # An account named like B's is A's own (none by that name here): refused, nothing read.
+    status = await tasks.run(
+        "account-of-b",
+        {"serviceAccountName": "b-runner", "target": {"podName": "worker"}, "script": {"inline": "print(1)"}},
+    )
+    assert (status["phase"], status["reason"]) == ("Failed", "Forbidden"), status
+
+    entries = audited(cluster, since)
+    assert entries, "the audit log shows nothing of the operator's requests"
+    for entry in entries:
+        ref = entry["objectRef"]
+        acting = (entry.get("impersonatedUser") or {}).get("username", "")
+        # Everything about pods and Secrets was asked as a ServiceAccount of the task's namespace, there.
+        assert acting.startswith(f"system:serviceaccount:{tasks.namespace}:"), entry
+        assert ref.get("namespace") == tasks.namespace, entry
+    assert not [e for e in entries if e["objectRef"].get("namespace") == other_namespace]
+
+
+async def test_a_namespace_that_did_not_opt_in_is_refused(
+    cluster: Cluster, api: client.ApiClient, core: client.CoreV1Api, tasks: TaskClient
+) -> None:
+    namespace = f"not-opted-in-{uuid.uuid4().hex[:6]}"
+    await core.create_namespace({"metadata": {"name": namespace, "labels": {"pythontask.dev/test": "true"}}})
+    try:
+        await ready_pod(core, namespace, "worker")
+        since = datetime.now(UTC)
+        outsider = TaskClient(api, namespace)
+        status = await outsider.run("t", {"target": {"podName": "worker"}, "script": {"inline": "print(1)"}})
+        assert (status["phase"], status["reason"]) == ("Failed", "Forbidden"), status
+        assert "impersonate" in status["message"], status
+        assert "namespace-access" in status["message"], status
+        assert not [e for e in audited(cluster, since) if e["objectRef"].get("namespace") == namespace]
+    finally:
+        await core.delete_namespace(namespace, grace_period_seconds=0)
