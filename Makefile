@@ -12,7 +12,7 @@ RUN_ARGS ?=
 IMG ?=
 CONTAINER_TOOL ?= docker
 
-.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench soak clean image docker-build deploy undeploy
+.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench fuzz soak clean image docker-build deploy undeploy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,12 @@ test: lint binaries
 bench: venv binaries
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+# The live fuzz at full size: 2,000 PythonTasks generated from the CRD's schema (and mutated past it)
+# against the operator on the local cluster; `make test` runs a smaller one. Prints what happened.
+FUZZ_TASKS ?= 2000
+fuzz: venv binaries
+	PYTHONTASK_FUZZ_TASKS=$(FUZZ_TASKS) $(PY) -m pytest tests/cluster/test_live_fuzz.py -s $(PYTEST_ARGS)
 
 # Many tasks on the real node under chaos (operator SIGKILLs, apiserver restarts, pod deletions, container
 # kills): no attempt runs twice, no completed result is lost. JSON in bench/results/. QUICK=1: small.

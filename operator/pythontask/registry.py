@@ -41,7 +41,7 @@ from .runner import (
     rerun_token,
     task_dir,
 )
-from .state_codec import record_from_status
+from .state_codec import UnreadableStatus, record_from_status
 
 BACKOFF_INITIAL_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
@@ -271,7 +271,15 @@ class Registry:
             # What status recorded (a runner may not have read it yet, or the operator was away).
             current = (body.get("status") or {}).get("currentAttempt")
             if current:
-                records.setdefault(current["id"], record_from_status(current))
+                try:
+                    recorded = record_from_status(current)
+                    records.setdefault(recorded.id, recorded)
+                except UnreadableStatus as e:
+                    log.warning(
+                        "deleted task's attempt cannot be read; not stopped",
+                        task=meta["name"],
+                        problem=str(e),
+                    )
             for record in records.values():
                 # Confirmed gone (again, if a runner did it: then this costs one quick exec).
                 try:

@@ -48,7 +48,7 @@ from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
 from .slots import NamespaceSlots
 from .spec import PythonTaskSpec
-from .state_codec import attempt_id, record_from_status, state_from_status, status_of
+from .state_codec import UnreadableStatus, attempt_id, record_from_status, state_from_status, status_of
 
 FINALIZER = "pythontask.dev/finalizer"
 RERUN_ANNOTATION = "pythontask.dev/rerun"
@@ -61,6 +61,8 @@ SETTLE_BACKOFF_MAX_SECONDS = 30.0
 # restart is immediate, later ones back off 10 s, 20 s, ...
 SALVAGE_WAIT_SECONDS = 60.0
 log = structlog.get_logger(__name__)
+# How long a 403 for a task must persist before the task fails with reason Forbidden.
+FORBIDDEN_CONFIRM_SECONDS = 8.0
 
 
 @dataclass
@@ -187,7 +189,14 @@ class TaskRunner:
             await self._write_final(spec=None, state=final)
             return
         try:
-            await self._run_as_allowed(spec)
+            await self._run_confirming_refusals(spec)
+        except UnreadableStatus as e:
+            # Not written by this operator (a hand edit, a buggy client): what it says of an attempt
+            # cannot be trusted, nor ignored (that attempt may have run). A rerun starts afresh.
+            message = f"{e}. Nothing more is run; set the {RERUN_ANNOTATION} annotation to start afresh."
+            final = machine.give_up(machine.TaskState(), st.Reason.INVALID_STATUS, message, time.time())
+            self.state = final
+            await self._write_final(spec, final)
         except impersonation.Forbidden as refused:
             # RBAC refused something this task needs: the namespace's admin must grant it first. A 403
             # means the request was not carried out, so nothing was started by it.
@@ -195,6 +204,25 @@ class TaskRunner:
             final = machine.give_up(self.state, st.Reason.FORBIDDEN, message, time.time())
             self.state = final
             await self._write_final(spec, final)
+
+    async def _run_confirming_refusals(self, spec: PythonTaskSpec) -> None:
+        """A refusal is final only once it persists for FORBIDDEN_CONFIRM_SECONDS: a RoleBinding made a
+        moment ago, or an apiserver that just restarted (its RBAC cache not filled yet), answers 403 for
+        a while. Going again from the top is what an operator restart does: status says where we are."""
+        confirm_by: float | None = None
+        delay = 0.5
+        while True:
+            try:
+                await self._run_as_allowed(spec)
+                return
+            except impersonation.Forbidden as refused:
+                now = time.monotonic()
+                confirm_by = confirm_by if confirm_by is not None else now + FORBIDDEN_CONFIRM_SECONDS
+                if now >= confirm_by:
+                    raise
+                self.log.info("refused; asking again before failing the task", problem=str(refused))
+                await asyncio.sleep(min(delay, confirm_by - now))
+                delay *= 2
 
     async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
         if not (self.body.get("status") or {}).get("currentAttempt"):

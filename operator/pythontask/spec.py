@@ -84,6 +84,28 @@ class Target(Model):
         _exactly_one(self, ("pod_name", "selector", "template"), "spec.target")
         return self
 
+    @field_validator("template")
+    @classmethod
+    def _pod_template(cls, template: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What the operator itself reads of a template; the apiserver judges the rest of it when the
+        pod is created (its refusal fails the task with reason InvalidPodTemplate)."""
+        if template is None:
+            return None
+        meta, spec = template.get("metadata", {}), template.get("spec")
+        if not isinstance(meta, dict) or not all(
+            isinstance(meta.get(k, {}), dict) and all(isinstance(v, str) for v in meta.get(k, {}).values())
+            for k in ("labels", "annotations")
+        ):
+            raise ValueError("metadata must be an object whose labels and annotations map strings to strings")
+        containers = spec.get("containers") if isinstance(spec, dict) else None
+        if (
+            not isinstance(containers, list)
+            or not containers
+            or not all(isinstance(c, dict) for c in containers)
+        ):
+            raise ValueError("spec.containers must list at least one container (a pod template's spec)")
+        return template
+
     @property
     def kind(self) -> str:
         return "podName" if self.pod_name else "selector" if self.selector else "template"

@@ -34,7 +34,19 @@ def record_to_status(record: machine.AttemptRecord) -> dict[str, Any]:
     }
 
 
+class UnreadableStatus(ValueError):
+    """Status that this operator did not write (a buggy client, a hand edit): missing or ill-typed
+    fields. Never guessed around: an attempt it may describe could have run."""
+
+
 def record_from_status(current: dict[str, Any]) -> machine.AttemptRecord:
+    try:
+        return _record_from_status(current)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UnreadableStatus(f"status.currentAttempt cannot be read: {type(e).__name__}: {e}") from None
+
+
+def _record_from_status(current: dict[str, Any]) -> machine.AttemptRecord:
     return machine.AttemptRecord(
         number=int(current["number"]),
         id=str(current["id"]),
@@ -80,7 +92,17 @@ def status_of(state: machine.TaskState) -> dict[str, Any]:
 
 
 def state_from_status(status: dict[str, Any]) -> machine.TaskState:
-    """The machine's state as status recorded it (empty for a new generation or rerun)."""
+    """The machine's state as status recorded it (empty for a new generation or rerun). Raises
+    UnreadableStatus for a status this operator cannot have written."""
+    try:
+        return _state_from_status(status)
+    except UnreadableStatus:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UnreadableStatus(f"status cannot be read: {type(e).__name__}: {e}") from None
+
+
+def _state_from_status(status: dict[str, Any]) -> machine.TaskState:
     if not status:
         return machine.TaskState()
     current = status.get("currentAttempt")

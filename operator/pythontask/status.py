@@ -53,6 +53,7 @@ class Reason(StrEnum):
     UNSUPPORTED_PYTHON = "UnsupportedPython"
     OUTPUT_LIMIT_EXCEEDED = "OutputLimitExceeded"
     FORBIDDEN = "Forbidden"
+    INVALID_STATUS = "InvalidStatus"
 
 
 SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
@@ -171,8 +172,10 @@ def conditions(
 
 def is_done_for(status: Mapping[str, Any], generation: int, rerun_token: str) -> bool:
     """True when the status already holds a final result for this generation and rerun request."""
+    phase = status.get("phase")
     return (
-        status.get("phase") in TERMINAL
+        isinstance(phase, str)  # a status the schema would refuse is no result
+        and phase in TERMINAL
         and status.get("observedGeneration") == generation
         and (status.get("rerunToken") or "") == rerun_token
     )

@@ -182,6 +182,44 @@ async def test_a_hang_on_a_deployment_pod_restarts_it_and_succeeds_on_the_replac
     assert all(procs.gone(pid) for pid in procs.pids_in(tmp_path / "pids"))
 
 
+async def test_an_account_that_may_not_delete_pods_retries_a_hang_in_the_same_pod(
+    api: client.ApiClient, apps: client.AppsV1Api, core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    [original] = await ready_deployment(apps, core, tasks.namespace, "data-worker", replicas=1)
+    rbac = client.RbacAuthorizationV1Api(api)
+    await core.create_namespaced_service_account(tasks.namespace, {"metadata": {"name": "no-delete"}})
+    rules = [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
+    ]
+    await rbac.create_namespaced_role(tasks.namespace, {"metadata": {"name": "no-delete"}, "rules": rules})
+    await rbac.create_namespaced_role_binding(
+        tasks.namespace,
+        {
+            "metadata": {"name": "no-delete"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-delete"},
+            "subjects": [{"kind": "ServiceAccount", "name": "no-delete"}],
+        },
+    )
+    # The default onHang would restart this Deployment's pod; the account may not delete it.
+    spec = spec_with(
+        HANG_ONCE,
+        tmp_path / "pids",
+        target={"selector": {"matchLabels": {"app": "data-worker"}}},
+        timeouts={"idle": "3s"},
+        retry={"backoff": {"initial": "1s"}},
+    )
+    spec["serviceAccountName"] = "no-delete"
+    status = await tasks.run("stay", spec, within=90)
+    assert (status["phase"], status["attempts"]) == ("Succeeded", 2), status
+    assert [h["pod"] for h in status["history"]] == [original.metadata.name] * 2
+    still = await core.read_namespaced_pod(original.metadata.name, tasks.namespace)
+    assert (still.metadata.uid, still.metadata.deletion_timestamp) == (original.metadata.uid, None)
+    events = await tasks.events("stay", at_least=1)
+    assert "PodNotRestarted" in [e.reason for e in events]
+    assert "RestartingPod" not in [e.reason for e in events]
+
+
 async def test_a_hang_on_a_bare_pod_never_deletes_it_and_says_why(
     core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
 ) -> None:

@@ -312,7 +312,13 @@ async def test_three_shards_split_the_tasks_and_move_when_a_replica_dies(
     statuses = await asyncio.gather(*(c.wait_status(name, within=240) for c, name in first))
     assert all(s["phase"] == "Succeeded" for s in statuses)
     wanted = {(c.namespace, name) for c, name in first}
-    load = Counter(p.name for p in group for task in finished(p) if task in wanted)
+
+    async def logged() -> Counter[str] | None:
+        # "task finished" is logged right after the final status write: a moment behind what we saw.
+        load = Counter(p.name for p in group for task in finished(p) if task in wanted)
+        return load if sum(load.values()) >= 150 else None
+
+    load = await eventually(logged, within=10, what="150 'task finished' lines in the replicas' logs")
     print(f"tasks per replica: {dict(load)}")
     assert sum(load.values()) == 150
     assert len(load) == 3

@@ -168,3 +168,42 @@ def test_people_get_pythontasks_with_the_built_in_roles(
         "create", "rolebinding", "admins", "--clusterrole=admin", f"--user={admin}", "-n", namespace
     )
     assert can(cluster, "deletecollection", task, namespace, who=admin)
+
+
+def test_docs_security_shows_the_operators_rights_as_they_are(rbac_installed: None, cluster: Cluster) -> None:
+    doc = (ROOT / "docs/security.md").read_text()
+    committed = doc.split("<!-- can-i-list -->\n```\n", 1)[1].split("\n```\n<!-- /can-i-list -->", 1)[0]
+    live = cluster.kubectl("auth", "can-i", "--list", "--as", SA, "-n", "default").stdout
+
+    def rows(text: str) -> set[str]:
+        return {" ".join(line.split()) for line in text.strip().splitlines()}
+
+    assert rows(committed) == rows(live), "docs/security.md: update the can-i --list output"
+
+
+def test_a_namespace_admin_can_opt_in_their_namespace_and_no_other(
+    rbac_installed: None, cluster: Cluster, namespace: str
+) -> None:
+    mine = f"mine-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", mine)
+    try:
+        admin = f"admin-of-{mine}"
+        cluster.kubectl(
+            "create", "rolebinding", "admins", "--clusterrole=admin", f"--user={admin}", "-n", mine
+        )
+        cluster.kubectl("apply", "--as", admin, "-n", mine, "-k", str(ROOT / "manifests/namespace-access"))
+        assert can(cluster, "impersonate", "serviceaccounts", mine)
+        other = cluster.kubectl(
+            "apply",
+            "--as",
+            admin,
+            "-n",
+            namespace,
+            "-k",
+            str(ROOT / "manifests/namespace-access"),
+            check=False,
+        )
+        assert other.returncode != 0
+        assert "forbidden" in other.stderr
+    finally:
+        cluster.kubectl("delete", "namespace", mine, "--wait=false")

@@ -15,10 +15,13 @@ import yaml
 from kubernetes_asyncio import client
 
 from support.cluster import Cluster
+from support.operator import OperatorProcess
 from support.pods import ready_pod
 from support.tasks import TaskClient, task_manifest
+from support.waiting import eventually
 
 OPERATOR = "system:serviceaccount:pythontask-system:pythontask-operator"
+LIMITED_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
 
 
 def audited(cluster: Cluster, since: datetime) -> list[dict[str, Any]]:
@@ -46,8 +49,7 @@ async def limited_account(
 ) -> None:
     """ServiceAccount `limited`: may see pods, may not exec."""
     await core.create_namespaced_service_account(namespace, {"metadata": {"name": "limited"}})
-    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "limited"}, "rules": rules})
+    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "limited"}, "rules": LIMITED_RULES})
     await rbac.create_namespaced_role_binding(
         namespace,
         {
@@ -56,6 +58,12 @@ async def limited_account(
             "subjects": [{"kind": "ServiceAccount", "name": "limited"}],
         },
     )
+
+
+async def grant_exec(rbac: client.RbacAuthorizationV1Api, namespace: str) -> None:
+    """What the namespace admin adds to `limited`: pods/exec."""
+    exec_rule = {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}
+    await rbac.patch_namespaced_role("limited", namespace, {"rules": [*LIMITED_RULES, exec_rule]})
 
 
 @pytest.fixture
@@ -103,16 +111,7 @@ async def test_a_task_cannot_exec_where_its_account_may_not_and_can_once_granted
     assert not [e for e in touched if e["objectRef"].get("subresource") == "exec"], touched
 
     # The namespace admin grants the account exec: the same task, rerun, succeeds.
-    await rbac.patch_namespaced_role(
-        "limited",
-        namespace,
-        {
-            "rules": [
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
-            ]
-        },
-    )
+    await grant_exec(rbac, namespace)
     await tasks.patch("sneaky", {"metadata": {"annotations": {"pythontask.dev/rerun": "granted"}}})
     status = await tasks.wait_status("sneaky", phases=("Succeeded",))
     assert status["output"]["stdout"] == "ran as limited\n"
@@ -192,3 +191,27 @@ async def test_a_namespace_that_did_not_opt_in_is_refused(
         assert not [e for e in audited(cluster, since) if e["objectRef"].get("namespace") == namespace]
     finally:
         await core.delete_namespace(namespace, grace_period_seconds=0)
+
+
+async def test_a_grant_made_just_after_the_refusal_is_in_time(
+    core: client.CoreV1Api, rbac: client.RbacAuthorizationV1Api, tasks: TaskClient, operator: OperatorProcess
+) -> None:
+    # RBAC takes a moment to apply (and an apiserver that just restarted answers 403 until its cache is
+    # filled): a refusal is confirmed over a few seconds before the task fails.
+    await ready_pod(core, tasks.namespace, "worker")
+    await limited_account(rbac, core, tasks.namespace)
+    spec = {
+        "serviceAccountName": "limited",
+        "target": {"podName": "worker"},
+        "script": {"inline": "print('late')"},
+    }
+    await tasks.create("late", spec)
+
+    async def refused_once() -> bool:
+        log = operator.log_path.read_text(errors="replace")
+        return any('"refused; asking again' in line and tasks.namespace in line for line in log.splitlines())
+
+    await eventually(refused_once, within=30, what="the operator to be refused once")
+    await grant_exec(rbac, tasks.namespace)
+    status = await tasks.wait_status("late")
+    assert (status["phase"], status["output"]["stdout"]) == ("Succeeded", "late\n"), status
