@@ -16,6 +16,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from . import impersonation
 from .failures import TaskFailure
 from .kube import api_message, is_not_found
 from .machine import PodFacts
@@ -207,9 +208,18 @@ class Pods:
         return list(pods.items)
 
     async def delete_template_pods(self, task: dict[str, Any]) -> None:
-        """The pods a finished task made from its template (found by label: a restart forgets nothing)."""
-        for pod in await self.template_pods(task):
-            await self.delete(pod)
+        """The pods a finished task made from its template (found by label: a restart forgets nothing).
+        An account that may not list or delete them leaves them to the garbage collector: they are owned
+        by the task, and go when it is deleted."""
+        try:
+            for pod in await self.template_pods(task):
+                await self.delete(pod)
+        except impersonation.Forbidden as refused:
+            log.warning(
+                "template pods left for the task's deletion",
+                task=task["metadata"]["name"],
+                problem=str(refused),
+            )
 
     async def ensure_template_pod(self, task: dict[str, Any], spec: PythonTaskSpec) -> Any:
         """The task's own pod: adopted if it exists (an operator restart) and still fits, else created.

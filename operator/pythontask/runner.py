@@ -175,7 +175,11 @@ class TaskRunner:
                 await asyncio.shield(self.last.release(False))
             current = self.state.current
             if self.stop_reason in (StopReason.DELETED, StopReason.SPEC_CHANGED) and current is not None:
-                await asyncio.shield(ensure_stopped(self.ctx, self.body, current, str(self.stop_reason)))
+                try:
+                    await asyncio.shield(ensure_stopped(self.ctx, self.body, current, str(self.stop_reason)))
+                except impersonation.Forbidden as refused:
+                    # The account may no longer reach the pod: nobody can stop it for this task.
+                    self.log.warning("could not make sure the attempt stopped", problem=str(refused))
             raise
 
     async def _run(self) -> None:

@@ -75,6 +75,82 @@ def status_objects() -> s.SearchStrategy[dict[str, Any]]:
     return _strategy(crd_schema("status"))
 
 
+DURATIONS = ["0s", "1s", "2s", "500ms", "1m", "1h30m"]
+KINDS = ("podName", "selector", "template")
+
+
+def _one_of(
+    obj: dict[str, Any], keys: tuple[str, ...], seed: int, default: tuple[str, Any]
+) -> dict[str, Any]:
+    present = [k for k in keys if k in obj]
+    keep = present[seed % len(present)] if present else default[0]
+    out = {k: v for k, v in obj.items() if k not in keys or k == keep}
+    out.setdefault(keep, default[1])
+    return out
+
+
+def coherent(spec: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A generated spec made to satisfy the CRD's CEL rules (which a JSON schema cannot say): exactly one
+    kind of target and of script, value or valueFrom, durations, a non-empty selector, a pod template
+    with a container. What is left is as generated, so most of these pass the apiserver."""
+    spec = copy.deepcopy(spec)
+    target = _one_of(spec["target"], KINDS, seed, ("podName", "worker"))
+    if "template" not in target:
+        target.pop("keepPod", None)
+    else:
+        template = target["template"] if isinstance(target["template"], dict) else {}
+        target["template"] = {
+            "metadata": {"labels": {"fuzz": str(seed % 7)}},
+            "spec": {
+                "containers": [{"name": "main", "image": "python:3.12-slim"}],
+                **{
+                    k: v
+                    for k, v in (template.get("spec") or {}).items()
+                    if k == "terminationGracePeriodSeconds"
+                },
+            },
+        }
+    if "selector" in target:
+        selector = target["selector"]
+        expressions = [
+            {**e, "values": e.get("values") or ["x"]}
+            if e.get("operator") in ("In", "NotIn")
+            else {k: v for k, v in e.items() if k != "values"}
+            for e in selector.get("matchExpressions") or []
+        ]
+        selector = (
+            {**selector, "matchExpressions": expressions}
+            if expressions
+            else {k: v for k, v in selector.items() if k != "matchExpressions"}
+        )
+        if not selector.get("matchLabels") and not expressions:
+            selector["matchLabels"] = {"app": "fuzz"}
+        target["selector"] = selector
+    spec["target"] = target
+    spec["script"] = _one_of(spec["script"], ("inline", "path", "configMapKeyRef"), seed, ("inline", "pass"))
+    env = []
+    for generated in spec.get("env") or []:
+        item = dict(generated)
+        if "valueFrom" in item:
+            item.pop("value", None)
+            item["valueFrom"] = _one_of(
+                item["valueFrom"],
+                ("secretKeyRef", "configMapKeyRef"),
+                seed,
+                ("secretKeyRef", {"name": "s", "key": "k"}),
+            )
+        env.append(item)
+    if "env" in spec:
+        spec["env"] = env
+    for name in list(spec.get("timeouts") or {}):
+        spec["timeouts"][name] = DURATIONS[(seed + len(name)) % len(DURATIONS)]
+    backoff = (spec.get("retry") or {}).get("backoff")
+    for name in list(backoff or {}):
+        if name in ("initial", "max"):
+            backoff[name] = DURATIONS[seed % 3]
+    return spec
+
+
 def json_values() -> s.SearchStrategy[Any]:
     scalars = s.one_of(s.none(), s.booleans(), s.integers(), s.floats(allow_nan=False), s.text(max_size=20))
     return s.recursive(

@@ -17,7 +17,7 @@ from pythontask.access import needed
 from pythontask.pods import template_pod_manifest
 from pythontask.spec import PythonTaskSpec
 from pythontask.state_codec import UnreadableStatus, record_from_status, state_from_status
-from support.fuzzing import crd_schema, json_values, mutated, spec_objects, status_objects
+from support.fuzzing import coherent, crd_schema, json_values, mutated, spec_objects, status_objects
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -52,6 +52,12 @@ def test_specs_the_schema_allows_parse_or_are_refused_with_a_message(spec: dict[
     parsed = parse(spec)
     if parsed is not None:
         use(parsed)
+
+
+@FUZZ
+@given(s.builds(coherent, spec_objects(), s.integers(0, 1000)))
+def test_specs_that_pass_the_crds_rules_too_parse(spec: dict[str, Any]) -> None:
+    use(PythonTaskSpec.model_validate(spec))  # what the apiserver admits, the operator accepts
 
 
 @FUZZ
