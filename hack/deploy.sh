@@ -90,7 +90,8 @@ delete() {
   kubectl delete namespace "$NAMESPACE" --ignore-not-found --wait=true >&2
   kubectl delete clusterrolebinding/pythontask-operator clusterrole/pythontask-operator \
     clusterrole/pythontask-operator-impersonate clusterrole/pythontask-runner \
-    clusterrole/pythontask-edit clusterrole/pythontask-view --ignore-not-found >&2
+    clusterrole/pythontask-edit clusterrole/pythontask-view \
+    clusterrole/pythontask-operator-inputs --ignore-not-found >&2
 }
 
 case ${1:-apply} in

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from kubernetes_asyncio import client
 
-from . import impersonation
+from . import fencing, impersonation
 from .impersonation import Identity
 from .spec import PythonTaskSpec
 
 ANSWER_SECONDS = 30.0
+MAX_ANSWERS = 4096  # past this, expired answers are dropped
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Right:
         return f"{self.verb} {what}" + (f" {self.name!r}" if self.name else "")
 
 
+EXEC_RIGHT = Right("create", "pods", "exec")
+
+
 def needed(spec: PythonTaskSpec) -> list[Right]:
     """What running this task takes: its pods (the cache lists and watches them), exec, and what it
     names. Deleting pods is asked for where the spec says it will: a template, or onHang RestartPod.
@@ -39,7 +43,7 @@ def needed(spec: PythonTaskSpec) -> list[Right]:
         Right("get", "pods"),
         Right("list", "pods"),
         Right("watch", "pods"),
-        Right("create", "pods", "exec"),
+        EXEC_RIGHT,
     ]
     if spec.target.template is not None:
         rights += [Right("create", "pods"), Right("delete", "pods")]
@@ -97,17 +101,22 @@ class Access:
         }
         # Impersonating: the answer is the account's. The operator may not impersonate it at all (the
         # namespace did not opt in): then this raises impersonation.Forbidden, saying so.
-        with impersonation.as_task(identity):
+        # Unfenced: a question, not a write, and its answer is shared by tasks of any shard.
+        with impersonation.as_task(identity), fencing.unfenced():
             answer = await self._authorization.create_self_subject_access_review(review)  # type: ignore[arg-type]
         allowed = bool(answer.status.allowed)
         if allowed:  # a refusal is asked again next time: a grant takes effect at once
-            self._answers[(identity, right)] = (allowed, self._clock())
+            now = self._clock()
+            if len(self._answers) >= MAX_ANSWERS:
+                self._answers = {k: v for k, v in self._answers.items() if now - v[1] < ANSWER_SECONDS}
+            self._answers[(identity, right)] = (allowed, now)
         return allowed
 
 
-def grant_hint(namespace: str) -> str:
+def grant_hint(namespace: str, *, ran: bool = False) -> str:
+    done = "Nothing more was run" if ran else "Nothing was run"
     return (
-        "Nothing was run. A namespace admin grants what a task needs with "
+        f"{done}. A namespace admin grants what a task needs with "
         f"`kubectl apply -k manifests/namespace-access -n {namespace}` (or a Role of their own), or the "
         "task names another ServiceAccount in spec.serviceAccountName."
     )

@@ -12,6 +12,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import impersonation, status
+from .kube import brief
 from .spec import GROUP, KIND, VERSION
 
 COMPONENT = "pythontask-operator"
@@ -102,7 +103,7 @@ class Events:
             with impersonation.as_operator():  # the operator's own voice, whoever the task acts as
                 await self._core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
         except (ApiException, OSError) as e:
-            log.warning("event not recorded", reason=reason, error=str(e))
+            log.warning("event not recorded", reason=reason, error=brief(e))
 
     async def normal(self, task: dict[str, Any], reason: str, message: str, *, final: bool = False) -> None:
         await self.emit(task, "Normal", reason, message, final=final)

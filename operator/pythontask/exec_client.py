@@ -126,7 +126,9 @@ async def open_exec(
         )
     except aiohttp.WSServerHandshakeError as e:
         forbidden = (
-            impersonation.refused(f"may not exec into pod {target.pod} (create pods/exec: 403 Forbidden)")
+            impersonation.refused(
+                f"may not exec into pod {target.pod} (create pods/exec: 403 Forbidden)", unread=True
+            )
             if e.status == 403
             else None
         )

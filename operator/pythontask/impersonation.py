@@ -11,12 +11,14 @@ its PythonTasks, their status, Events and Leases, is done `as_operator()`, with 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_SERVICE_ACCOUNT = "pythontask-runner"
+SERVICE_ACCOUNT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # a DNS subdomain, as in the CRD
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,13 @@ class Identity:
 
     @classmethod
     def of(cls, task: dict[str, Any]) -> Identity:
-        name = (task.get("spec") or {}).get("serviceAccountName") or DEFAULT_SERVICE_ACCOUNT
-        return cls(task["metadata"]["namespace"], str(name))
+        """Read from the raw object (before the spec is parsed): a name that is not a ServiceAccount's
+        (the CRD's pattern) gives the default, which only the parse's InvalidSpec refusal follows."""
+        spec = task.get("spec")
+        name = spec.get("serviceAccountName") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or not SERVICE_ACCOUNT_NAME.fullmatch(name):
+            name = DEFAULT_SERVICE_ACCOUNT
+        return cls(task["metadata"]["namespace"], name)
 
 
 _current: ContextVar[Identity | None] = ContextVar("pythontask_identity", default=None)
@@ -59,21 +66,32 @@ def acting_as(identity: Identity | None) -> Iterator[None]:
         _current.reset(token)
 
 
+# What RBAC (or the impersonation check) says when it refuses: `User "..." cannot <verb> resource ...`.
+# Other 403s (a quota exceeded, PodSecurity, a namespace being deleted, a webhook) are not about rights.
+_RBAC_REFUSAL = re.compile(r'User "[^"]*" cannot [a-z]+ resource')
+
+
 class Forbidden(Exception):
     """RBAC refused a request made for a task (403 while impersonating its ServiceAccount): retrying
-    cannot help until someone grants the right, so the task fails with reason Forbidden."""
+    cannot help until someone grants the right, so the task fails with reason Forbidden. `checkable`:
+    the refusal could not be read (an exec's handshake has no body); whether it was RBAC's is asked
+    again (a SelfSubjectAccessReview) before the task fails for it."""
 
-    def __init__(self, identity: Identity, detail: str) -> None:
+    def __init__(self, identity: Identity, detail: str, *, checkable: bool = False) -> None:
         who = f"ServiceAccount {identity.service_account} (namespace {identity.namespace})"
         super().__init__(f"{who}: {detail}")
         self.identity = identity
         self.detail = detail
+        self.checkable = checkable
 
 
-def refused(detail: str) -> Forbidden | None:
-    """The Forbidden to raise for a 403 answered now, if the request was made for a task."""
+def refused(detail: str, *, unread: bool = False) -> Forbidden | None:
+    """The Forbidden to raise for a 403 answered now: if the request was made for a task, and its
+    message is RBAC's (or could not be read: `unread`)."""
     identity = _current.get()
-    return Forbidden(identity, detail) if identity is not None else None
+    if identity is None or not (unread or _RBAC_REFUSAL.search(detail)):
+        return None
+    return Forbidden(identity, detail, checkable=unread)
 
 
 def current() -> Identity | None:

@@ -82,6 +82,13 @@ def api_message(error: ApiException) -> str:
         return f"{error.status} {error.reason}"
 
 
+def brief(error: BaseException) -> str:
+    """An error for a log line: an API error's status and message, never its headers and body."""
+    if isinstance(error, ApiException):
+        return f"ApiException {error.status}: {api_message(error)}"
+    return f"{type(error).__name__}: {error}"
+
+
 class Tasks:
     """PythonTask reads and writes: the operator's own business, done with its own rights even while
     working for a task (never impersonating the task's ServiceAccount)."""

@@ -138,7 +138,11 @@ class PodCache:
         active task) needs them. Raises impersonation.Forbidden if that identity may not list them."""
         key = (namespace, impersonation.current())
         view = self._namespaces.get(key)
-        if view is None:
+        if view is None or view.refused is not None:
+            # A refused view lists again for a newcomer at once (the right may have been granted since),
+            # not after its backoff; its users are failing anyway.
+            if view is not None and view.task is not None:
+                view.task.cancel()
             view = self._namespaces[key] = NamespacePods(self._core, *key)
             view.task = asyncio.get_running_loop().create_task(view.run())
         view.users += 1
@@ -149,7 +153,7 @@ class PodCache:
             yield view
         finally:
             view.users -= 1
-            if view.users == 0:
+            if view.users == 0 and self._namespaces.get(key) is view:
                 del self._namespaces[key]
                 if view.task is not None:
                     view.task.cancel()

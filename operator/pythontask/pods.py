@@ -129,7 +129,9 @@ def template_pod_manifest(task: dict[str, Any], spec: PythonTaskSpec) -> dict[st
                     "name": meta["name"],
                     "uid": meta["uid"],
                     "controller": True,
-                    "blockOwnerDeletion": True,
+                    # Not blockOwnerDeletion: where owner references are enforced, setting it needs a right
+                    # on the task's finalizers that the task's ServiceAccount has no reason to hold.
+                    "blockOwnerDeletion": False,
                 }
             ],
         },

@@ -29,7 +29,7 @@ from . import fencing, impersonation
 from . import status as st
 from .exec_client import ExecTarget
 from .impersonation import Identity
-from .kube import is_not_found
+from .kube import brief, is_not_found
 from .leases import shard_of
 from .runner import (
     FINALIZER,
@@ -234,7 +234,7 @@ class Registry:
             "runner failed; will look again",
             task=meta["name"],
             namespace=meta["namespace"],
-            error=f"{type(error).__name__}: {error}",
+            error=brief(error),
             retry_in=delay,
         )
         self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay), body)
@@ -250,7 +250,7 @@ class Registry:
                 self.parked.pop(uid, None)
                 return
             self.failures[uid] = self.failures.get(uid, 0) + 1
-            log.error("cannot read task", task=name, namespace=namespace, error=str(e))
+            log.error("cannot read task", task=name, namespace=namespace, error=brief(e))
             self._spawn(self._look_again(namespace, name, uid, self.backoff(uid)), body)
             return
         if body["metadata"]["uid"] == uid and uid not in self.running:
@@ -301,7 +301,7 @@ class Registry:
                 raise  # parked by _spawn, for the shard's next leader (or this one, again)
             self.failures[uid] = self.failures.get(uid, 0) + 1
             delay = self.backoff(uid)
-            log.error("finalizing failed; will try again", task=meta["name"], error=str(e), retry_in=delay)
+            log.error("finalizing failed; will try again", task=meta["name"], error=brief(e), retry_in=delay)
             self._spawn(self._look_again(meta["namespace"], meta["name"], uid, delay), body)
         finally:
             self._finalizing.discard(uid)

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from . import attempt_fate, exec_wire, fencing, impersonation, machine
 from . import status as st
-from .access import Access, grant_hint, needed
+from .access import EXEC_RIGHT, Access, grant_hint, needed
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError, Message
 from .attempt import STREAM_SILENCE_SECONDS, AttemptOutcome, AttemptRequest, Limits, run_attempt
@@ -43,7 +43,7 @@ from .failures import TaskFailure
 from .impersonation import Identity
 from .inputs import Inputs, ResolvedInputs, mask, mask_tail
 from .janitor import Janitor
-from .kube import Tasks, is_conflict, is_not_found
+from .kube import Tasks, brief, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
 from .slots import NamespaceSlots
@@ -156,6 +156,7 @@ class TaskRunner:
         self.token = rerun_token(body)
         self.log = log.bind(task=self.name, namespace=self.namespace, generation=self.generation)
         self.state = machine.TaskState()  # as last written to status
+        self.writes = 0  # status writes made: progress, for the refusal confirmation window
         self.stop_reason: StopReason | None = None
         self.last: AttemptOutcome | None = None  # the last attempt's outcome: its output goes into status
         self.last_record: machine.AttemptRecord | None = None  # ...and where its files are
@@ -202,26 +203,41 @@ class TaskRunner:
             self.state = final
             await self._write_final(spec, final)
         except impersonation.Forbidden as refused:
-            # RBAC refused something this task needs: the namespace's admin must grant it first. A 403
-            # means the request was not carried out, so nothing was started by it.
-            message = f"{refused}. {grant_hint(self.namespace)}"
-            final = machine.give_up(self.state, st.Reason.FORBIDDEN, message, time.time())
+            reason, message = await self._refusal(refused)
+            final = machine.give_up(self.state, reason, message, time.time())
+            if self.state.current is not None:
+                # It may have been sent before the refusal (a right revoked mid-way): it stays on record,
+                # so that a rerun stops it before anything else runs.
+                final = replace(final, current=self.state.current)
             self.state = final
             await self._write_final(spec, final)
+
+    async def _refusal(self, refused: impersonation.Forbidden) -> tuple[str, str]:
+        """The final reason and message for a refusal that persisted. An exec's 403 carries no message:
+        if the account may exec, it was not RBAC but a policy or webhook that refused it."""
+        if refused.checkable and not await self.ctx.access.missing(refused.identity, [EXEC_RIGHT]):
+            account = f"ServiceAccount {refused.identity.service_account}"
+            return st.Reason.EXEC_ERROR, (
+                f"Exec into the pod was refused (403) although {account} may create pods/exec: an "
+                "admission policy or webhook refuses it."
+            )
+        return st.Reason.FORBIDDEN, f"{refused}. {grant_hint(self.namespace, ran=self.state.attempts > 0)}"
 
     async def _run_confirming_refusals(self, spec: PythonTaskSpec) -> None:
         """A refusal is final only once it persists for FORBIDDEN_CONFIRM_SECONDS: a RoleBinding made a
         moment ago, or an apiserver that just restarted (its RBAC cache not filled yet), answers 403 for
-        a while. Going again from the top is what an operator restart does: status says where we are."""
+        a while. Going again from the top is what an operator restart does: status says where we are.
+        The window starts again after any progress (a status write)."""
         confirm_by: float | None = None
-        delay = 0.5
+        delay, writes = 0.5, self.writes
         while True:
             try:
                 await self._run_as_allowed(spec)
                 return
             except impersonation.Forbidden as refused:
                 now = time.monotonic()
-                confirm_by = confirm_by if confirm_by is not None else now + FORBIDDEN_CONFIRM_SECONDS
+                if confirm_by is None or self.writes != writes:
+                    confirm_by, delay, writes = now + FORBIDDEN_CONFIRM_SECONDS, 0.5, self.writes
                 if now >= confirm_by:
                     raise
                 self.log.info("refused; asking again before failing the task", problem=str(refused))
@@ -229,7 +245,7 @@ class TaskRunner:
                 delay *= 2
 
     async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
-        if not (self.body.get("status") or {}).get("currentAttempt"):
+        if not self._prior_status().get("currentAttempt"):
             # Before anything is touched: may the task's ServiceAccount do all this task needs?
             identity = Identity.of(self.body)
             missing = await self.ctx.access.missing(identity, needed(spec))
@@ -767,6 +783,7 @@ class TaskRunner:
                     resource_version=self.body["metadata"]["resourceVersion"],
                 )
                 self._fence = _fence_key(self.body)
+                self.writes += 1
                 return
             except ApiException as e:
                 if is_not_found(e):
@@ -809,7 +826,7 @@ async def ensure_stopped(
                 return Message({"type": "killed", "gone": True, "wasRunning": False})
             reply = await kill_attempt(ctx, body, record, why)
         except (ApiException, ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
-            problem = str(e) or type(e).__name__
+            problem = brief(e)
         else:
             if reply.type == "killed" and reply.fields.get("gone"):
                 return reply

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from . import durations, machine
-from .impersonation import DEFAULT_SERVICE_ACCOUNT
+from .impersonation import DEFAULT_SERVICE_ACCOUNT, SERVICE_ACCOUNT_NAME
 
 GROUP = "pythontask.dev"
 VERSION = "v1alpha1"
@@ -72,11 +72,16 @@ class LabelSelector(Model):
         return ",".join(parts)
 
 
+# Names that go into API paths: what the apiserver accepts there (a DNS subdomain, a DNS label).
+OBJECT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CONTAINER_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
 class Target(Model):
-    pod_name: str | None = None
+    pod_name: str | None = Field(None, max_length=253, pattern=OBJECT_NAME)
     selector: LabelSelector | None = None
     template: dict[str, Any] | None = None
-    container: str | None = None
+    container: str | None = Field(None, max_length=63, pattern=CONTAINER_NAME)
     keep_pod: bool = False
 
     @model_validator(mode="after")
@@ -112,8 +117,8 @@ class Target(Model):
 
 
 class KeyRef(Model):
-    name: str
-    key: str
+    name: str = Field(max_length=253, pattern=OBJECT_NAME)
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
     optional: bool = False
 
 
@@ -212,7 +217,9 @@ class OutputSpec(Model):
 
 
 class PythonTaskSpec(Model):
-    service_account_name: str = Field(DEFAULT_SERVICE_ACCOUNT, min_length=1, max_length=253)
+    service_account_name: str = Field(
+        DEFAULT_SERVICE_ACCOUNT, min_length=1, max_length=253, pattern=f"^{SERVICE_ACCOUNT_NAME.pattern}$"
+    )
     target: Target
     script: Script
     args: list[str] = Field(default_factory=list)

@@ -8,12 +8,14 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubernetes_asyncio import client
 
+from support import procs
 from support.cluster import Cluster
 from support.operator import OperatorProcess
 from support.pods import ready_pod
@@ -219,3 +221,57 @@ async def test_a_grant_made_just_after_the_refusal_is_in_time(
     await grant_exec(rbac, tasks.namespace)
     status = await tasks.wait_status("late")
     assert (status["phase"], status["output"]["stdout"]) == ("Succeeded", "late\n"), status
+
+
+async def test_a_right_revoked_mid_run_keeps_the_attempt_so_the_rerun_stops_it_first(
+    core: client.CoreV1Api,
+    rbac: client.RbacAuthorizationV1Api,
+    tasks: TaskClient,
+    restartable_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    await ready_pod(core, tasks.namespace, "worker")
+    await limited_account(rbac, core, tasks.namespace)
+    await grant_exec(rbac, tasks.namespace)
+    pids, release = tmp_path / "pids", tmp_path / "release"
+    script = (
+        "import os, time\n"
+        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.1)\n"
+        "print('done')\n"
+    )
+    spec = {"serviceAccountName": "limited", "target": {"podName": "worker"}, "script": {"inline": script}}
+    await tasks.create("revoked", spec)
+    await eventually(lambda: _exists(pids), within=30, what="the script to start")
+    [first] = procs.pids_in(pids)
+    # While the operator is away, the account loses exec: the new operator cannot follow the script.
+    restartable_operator.kill()
+    await rbac.patch_namespaced_role("limited", tasks.namespace, {"rules": LIMITED_RULES})
+    restartable_operator.start()
+    status = await tasks.wait_status("revoked", within=60)
+    assert (status["phase"], status["reason"]) == ("Failed", "Forbidden"), status
+    assert "Nothing more was run" in status["message"], status["message"]
+    assert status["currentAttempt"]["number"] == 1, status  # kept: it may still run (it does)
+    assert not procs.gone(first)
+
+    # Granted again and rerun: the attempt left running is stopped before the new one starts.
+    await grant_exec(rbac, tasks.namespace)
+    await tasks.patch("revoked", {"metadata": {"annotations": {"pythontask.dev/rerun": "again"}}})
+    await eventually(lambda: _gone(first), within=60, what="the attempt left running to be stopped")
+    await eventually(lambda: _started_twice(pids), within=60, what="the rerun's script to start")
+    release.touch()
+    status = await tasks.wait_status("revoked", phases=("Succeeded",), within=60)
+    assert status["output"]["stdout"] == "done\n"
+    assert len(procs.pids_in(pids)) == 2
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def _gone(pid: int) -> bool:
+    return procs.gone(pid)
+
+
+async def _started_twice(pids: Path) -> bool:
+    return len(procs.pids_in(pids)) == 2

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from pythontask import impersonation
 from pythontask.events import Events
@@ -20,6 +21,7 @@ from pythontask.exec_client import ExecTarget, open_exec
 from pythontask.impersonation import Forbidden, Identity
 from pythontask.kube import Tasks, bound_requests
 from pythontask.pod_cache import PodCache
+from pythontask.spec import PythonTaskSpec
 
 TASK = Identity("team-a", "pythontask-runner")
 REFUSAL = (
@@ -33,6 +35,7 @@ class Apiserver:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str | None]] = []  # method, path, Impersonate-User
         self.refuse: set[str] = set()
+        self.why = REFUSAL
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append((request.method, request.path, request.headers.get("Impersonate-User")))
@@ -40,7 +43,7 @@ class Apiserver:
             body = {
                 "kind": "Status",
                 "status": "Failure",
-                "message": REFUSAL,
+                "message": self.why,
                 "reason": "Forbidden",
                 "code": 403,
             }
@@ -100,14 +103,29 @@ async def test_a_refusal_for_a_task_is_forbidden_and_names_the_right() -> None:
         assert not isinstance(plain.value, Forbidden)
 
 
+async def test_a_403_that_is_not_rbacs_is_not_forbidden() -> None:
+    # A quota, PodSecurity, a namespace being deleted: 403s, but no right is missing.
+    async with apiserver() as (fake, api):
+        fake.refuse.add("/pods")
+        fake.why = 'pods "w" is forbidden: exceeded quota: compute, requested: pods=1, limited: pods=10'
+        with impersonation.as_task(TASK), pytest.raises(ApiException) as refused:
+            await client.CoreV1Api(api).create_namespaced_pod("team-a", {"metadata": {"name": "w"}})
+        assert refused.value.status == 403
+        assert not isinstance(refused.value, Forbidden)
+
+
 async def test_an_exec_refused_for_a_task_is_forbidden_and_was_asked_as_the_account() -> None:
     async with apiserver() as (fake, api):
         fake.refuse.add("/exec")
         target = ExecTarget("team-a", "worker", "main")
-        with impersonation.as_task(TASK), pytest.raises(Forbidden, match="may not exec into pod worker"):
+        with (
+            impersonation.as_task(TASK),
+            pytest.raises(Forbidden, match="may not exec into pod worker") as refused,
+        ):
             async with open_exec(api, target, ["python3"], connect_timeout=5):
                 pass
         assert fake.seen[-1][2] == TASK.username
+        assert refused.value.checkable  # no message to read: RBAC is asked before the task fails for it
 
 
 async def test_the_pod_cache_of_a_refused_account_fails_at_once_and_lists_again_for_the_next() -> None:
@@ -129,5 +147,14 @@ def test_the_identity_of_a_task_is_its_own_namespaces_account() -> None:
     task: dict[str, Any] = {"metadata": {"namespace": "team-a"}, "spec": {"serviceAccountName": "etl"}}
     assert Identity.of(task).username == "system:serviceaccount:team-a:etl"
     task["spec"] = {}
+    assert Identity.of(task) == TASK
+    for bad in ("a:b", "x\r\nImpersonate-Group: system:masters", "UPPER", 7):
+        task["spec"] = {"serviceAccountName": bad}
+        assert Identity.of(task) == TASK, bad  # the parse refuses the spec before anything is asked
+        with pytest.raises(ValidationError):
+            PythonTaskSpec.model_validate(
+                {"target": {"podName": "w"}, "script": {"inline": "1"}, **task["spec"]}
+            )
+    task["spec"] = "not an object"
     assert Identity.of(task) == TASK
     assert json.dumps(impersonation.headers()) == "{}"  # nothing outside a task
