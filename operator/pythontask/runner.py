@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -63,6 +64,7 @@ SALVAGE_WAIT_SECONDS = 60.0
 log = structlog.get_logger(__name__)
 # How long a 403 for a task must persist before the task fails with reason Forbidden.
 FORBIDDEN_CONFIRM_SECONDS = 8.0
+FORBIDDEN_NEW_EPISODE_SECONDS = 60.0
 
 
 @dataclass
@@ -156,7 +158,6 @@ class TaskRunner:
         self.token = rerun_token(body)
         self.log = log.bind(task=self.name, namespace=self.namespace, generation=self.generation)
         self.state = machine.TaskState()  # as last written to status
-        self.writes = 0  # status writes made: progress, for the refusal confirmation window
         self.stop_reason: StopReason | None = None
         self.last: AttemptOutcome | None = None  # the last attempt's outcome: its output goes into status
         self.last_record: machine.AttemptRecord | None = None  # ...and where its files are
@@ -227,17 +228,18 @@ class TaskRunner:
         """A refusal is final only once it persists for FORBIDDEN_CONFIRM_SECONDS: a RoleBinding made a
         moment ago, or an apiserver that just restarted (its RBAC cache not filled yet), answers 403 for
         a while. Going again from the top is what an operator restart does: status says where we are.
-        The window starts again after any progress (a status write)."""
-        confirm_by: float | None = None
-        delay, writes = 0.5, self.writes
+        A refusal long after the last one (the run went on fine meanwhile) opens a window of its own."""
+        confirm_by, last = 0.0, -math.inf
+        delay = 0.5
         while True:
             try:
                 await self._run_as_allowed(spec)
                 return
             except impersonation.Forbidden as refused:
                 now = time.monotonic()
-                if confirm_by is None or self.writes != writes:
-                    confirm_by, delay, writes = now + FORBIDDEN_CONFIRM_SECONDS, 0.5, self.writes
+                if now - last > FORBIDDEN_NEW_EPISODE_SECONDS:
+                    confirm_by, delay = now + FORBIDDEN_CONFIRM_SECONDS, 0.5
+                last = now
                 if now >= confirm_by:
                     raise
                 self.log.info("refused; asking again before failing the task", problem=str(refused))
@@ -783,7 +785,6 @@ class TaskRunner:
                     resource_version=self.body["metadata"]["resourceVersion"],
                 )
                 self._fence = _fence_key(self.body)
-                self.writes += 1
                 return
             except ApiException as e:
                 if is_not_found(e):
