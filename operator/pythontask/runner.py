@@ -540,6 +540,10 @@ class TaskRunner:
                 f"{outcome.message} timeouts.total ran out before attempt {record.number} could be confirmed "
                 f"gone from pod {record.pod}; it was not retried, so it never runs twice.".strip(),
             )
+        if not reply.fields.get("tombstoned") and not reply.fields.get("containerGone"):
+            # The kill found the attempt's directory claimed by its run (it ran, or runs no more): once
+            # recorded, its files are history, to be removed like any other attempt's.
+            outcome.accepted = True
         if outcome.kind is machine.Kind.NOT_STARTED and not reply.fields.get("tombstoned"):
             # A start still on its way got there before the tombstone: it did run. Its result, if it
             # already finished; else it was stopped, and says so.
@@ -619,12 +623,13 @@ class TaskRunner:
 
     async def _forget(self, record: machine.AttemptRecord, outcome: AttemptOutcome) -> None:
         """Its outcome is in status now: its files in the container can go, through the stream that
-        delivered the result (the agent waits for that word), else batched in the background. Not a
-        tombstone (an attempt that never started there): a start arriving late must still find it.
-        Tombstones go with the task's directory when the task is deleted."""
+        delivered the result (the agent waits for that word), else batched in the background: every
+        attempt its run claimed (it started, or the kill found it claimed). Not a tombstone (an attempt
+        that never started there): a start arriving late must still find it. Tombstones go with the
+        task's directory when the task is deleted."""
         if await outcome.release(True):
             return
-        if not (outcome.started or outcome.kind is machine.Kind.EXITED):
+        if not (outcome.started or outcome.accepted or outcome.kind is machine.Kind.EXITED):
             return
         target = ExecTarget(self.namespace, record.pod, record.container)
         self.ctx.janitor.forget(
@@ -824,7 +829,7 @@ async def ensure_stopped(
             pod = await ctx.pods.current(namespace, record.pod, record.pod_uid)
             if pod is None or not container_instance(pod, record.container).running:
                 bound.info("attempt settled: its container is gone")
-                return Message({"type": "killed", "gone": True, "wasRunning": False})
+                return Message({"type": "killed", "gone": True, "wasRunning": False, "containerGone": True})
             reply = await kill_attempt(ctx, body, record, why)
         except (ApiException, ExecError, AgentProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
             problem = brief(e)

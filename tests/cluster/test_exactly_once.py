@@ -279,3 +279,43 @@ async def test_a_half_open_exec_stream_is_noticed_by_its_missing_heartbeat(
     assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
     assert status["output"]["stdout"] == "started\ndone\n"
     assert (tmp_path / "runs").read_text() == "1\n"
+
+
+async def test_an_attempt_that_ran_though_the_operator_never_saw_it_start_leaves_no_files(
+    core: client.CoreV1Api, tasks: TaskClient
+) -> None:
+    # timeouts.connect of 1 ms: the operator gives up before the agent can say "started", and stops the
+    # attempt. Whether the kill came first (a tombstone, which stays: a late start must find it) or the
+    # script did start (then its directory is recorded history, and goes), nothing that ran is left.
+    await ready_pod(core, tasks.namespace)
+    spec = {
+        "target": {"podName": "worker"},
+        "script": {"inline": "import time\nprint('up', flush=True)\ntime.sleep(2)\n"},
+        "timeouts": {"connect": "1ms"},
+        "retry": {"limit": 2, "backoff": {"initial": "1s"}},
+    }
+    created = await tasks.create("early", spec)
+    status = await tasks.wait_status("early", within=90)
+    assert status["reason"] in ("ConnectTimeout", "Completed"), status
+    task_dir = Path("/tmp/pythontask") / created["metadata"]["uid"]
+
+    def ran_and_left() -> list[str]:
+        if not task_dir.is_dir():
+            return []
+        left = []
+        for attempt in task_dir.iterdir():
+            fate = attempt / "fate"
+            if not (fate.is_file() and fate.read_text().startswith("killed")):
+                left.append(f"{attempt.name}: {sorted(p.name for p in attempt.iterdir())}")
+        return left
+
+    seen: list[list[str]] = []
+
+    async def clean() -> bool:
+        seen.append(ran_and_left())
+        return not seen[-1]
+
+    try:
+        await eventually(clean, within=30, what="the attempts that ran to be removed from the container")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; left: {seen[-1]}") from None

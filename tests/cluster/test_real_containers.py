@@ -31,6 +31,16 @@ LEFTOVERS = (
     "print(sum(1 + len(os.listdir(os.path.join(d, t))) for t in os.listdir(d)) if os.path.isdir(d) else 0)\n"
 )
 
+# What is left, for a failure message: each entry of each task directory and its fate.
+WHAT_IS_LEFT = (
+    "import os\nd = '/tmp/pythontask'\nfor t in sorted(os.listdir(d)):\n"
+    "    for a in sorted(os.listdir(os.path.join(d, t))):\n"
+    "        p = os.path.join(d, t, a)\n"
+    "        f = os.path.join(p, 'fate')\n"
+    "        fate = open(f).read() if os.path.isfile(f) else None\n"
+    "        print(t[:8], a, sorted(os.listdir(p)) if os.path.isdir(p) else 'file', repr(fate))\n"
+)
+
 # True once two agents (the kill, then the late run) have exited and no agent runs any more.
 AGENTS_DONE = (
     "import os\n"
@@ -141,7 +151,8 @@ async def test_two_hundred_tasks_leave_no_zombie_and_no_directory(
     try:
         await eventually(clean, within=60, what="no zombie and no attempt directory left in the container")
     except AssertionError as e:
-        raise AssertionError(f"{e}; (zombies, entries left) last seen: {seen[-1]}") from None
+        left = await exec_python(tasks.namespace, "sleeper", WHAT_IS_LEFT, api)
+        raise AssertionError(f"{e}; (zombies, entries left) last seen: {seen[-1]}; left: {left}") from None
 
 
 async def test_the_template_idle_program_reaps_as_pid_1(
