@@ -10,6 +10,7 @@ from kubernetes_asyncio import client
 
 from pythontask import status as st
 from support import procs
+from support.access import service_account
 from support.pods import ready_deployment, ready_pod
 from support.tasks import TaskClient
 from support.waiting import eventually
@@ -186,21 +187,11 @@ async def test_an_account_that_may_not_delete_pods_retries_a_hang_in_the_same_po
     api: client.ApiClient, apps: client.AppsV1Api, core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
 ) -> None:
     [original] = await ready_deployment(apps, core, tasks.namespace, "data-worker", replicas=1)
-    rbac = client.RbacAuthorizationV1Api(api)
-    await core.create_namespaced_service_account(tasks.namespace, {"metadata": {"name": "no-delete"}})
     rules = [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
     ]
-    await rbac.create_namespaced_role(tasks.namespace, {"metadata": {"name": "no-delete"}, "rules": rules})
-    await rbac.create_namespaced_role_binding(
-        tasks.namespace,
-        {
-            "metadata": {"name": "no-delete"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-delete"},
-            "subjects": [{"kind": "ServiceAccount", "name": "no-delete"}],
-        },
-    )
+    await service_account(api, tasks.namespace, "no-delete", rules)
     # The default onHang would restart this Deployment's pod; the account may not delete it.
     spec = spec_with(
         HANG_ONCE,

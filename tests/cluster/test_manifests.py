@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from support import access
 from support.cluster import ROOT, Cluster
 
 SA = "system:serviceaccount:pythontask-system:pythontask-operator"
@@ -39,9 +40,8 @@ def test_examples_pass_a_server_side_dry_run(
 
 @pytest.fixture(scope="module")
 def rbac_installed(cluster: Cluster, crds: None) -> None:
-    manifests = ROOT / "manifests"
-    for name in ("namespace.yaml", "service-account.yaml", "rbac.yaml"):
-        cluster.kubectl("apply", "-n", "pythontask-system", "-f", str(manifests / name))
+    """The install's RBAC, as it is now (crds installed it for the session; this module checks it)."""
+    access.install_operator_rbac(cluster)
 
 
 def can(

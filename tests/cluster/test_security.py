@@ -16,6 +16,7 @@ import yaml
 from kubernetes_asyncio import client
 
 from support import procs
+from support.access import bind_role, open_namespace, service_account
 from support.cluster import Cluster
 from support.operator import OperatorProcess
 from support.pods import ready_pod
@@ -49,20 +50,9 @@ def as_user(cluster: Cluster, user: str, namespace: str, manifest: dict[str, Any
     cluster.kubectl("create", "--as", user, "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
 
 
-async def limited_account(
-    rbac: client.RbacAuthorizationV1Api, core: client.CoreV1Api, namespace: str
-) -> None:
+async def limited_account(api: client.ApiClient, namespace: str) -> None:
     """ServiceAccount `limited`: may see pods, may not exec."""
-    await core.create_namespaced_service_account(namespace, {"metadata": {"name": "limited"}})
-    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "limited"}, "rules": LIMITED_RULES})
-    await rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "limited"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "limited"},
-            "subjects": [{"kind": "ServiceAccount", "name": "limited"}],
-        },
-    )
+    await service_account(api, namespace, "limited", LIMITED_RULES)
 
 
 async def grant_exec(rbac: client.RbacAuthorizationV1Api, namespace: str) -> None:
@@ -77,23 +67,19 @@ def rbac(api: client.ApiClient) -> client.RbacAuthorizationV1Api:
 
 
 async def test_a_task_cannot_exec_where_its_account_may_not_and_can_once_granted(
-    cluster: Cluster, core: client.CoreV1Api, rbac: client.RbacAuthorizationV1Api, tasks: TaskClient
+    cluster: Cluster,
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    rbac: client.RbacAuthorizationV1Api,
+    tasks: TaskClient,
 ) -> None:
     namespace = tasks.namespace
     await ready_pod(core, namespace, "worker")
-    await limited_account(rbac, core, namespace)
+    await limited_account(api, namespace)
     # Alice may create PythonTasks here, and nothing else: not exec, not even read pods.
     alice = f"alice-{uuid.uuid4().hex[:6]}"
     rules = [{"apiGroups": ["pythontask.dev"], "resources": ["pythontasks"], "verbs": ["create"]}]
-    await rbac.create_namespaced_role(namespace, {"metadata": {"name": "task-author"}, "rules": rules})
-    await rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "task-author"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "task-author"},
-            "subjects": [{"kind": "User", "name": alice}],
-        },
-    )
+    await bind_role(api, namespace, "task-author", rules, {"kind": "User", "name": alice})
     assert (
         cluster.kubectl(
             "auth", "can-i", "create", "pods/exec", "--as", alice, "-n", namespace, check=False
@@ -133,8 +119,6 @@ async def test_a_task_cannot_exec_where_its_account_may_not_and_can_once_granted
 @pytest.fixture
 async def other_namespace(api: client.ApiClient, core: client.CoreV1Api) -> AsyncIterator[str]:
     """Namespace B, opted in too, with a pod and a Secret of its own."""
-    from support.access import open_namespace  # noqa: PLC0415 - beside the fixture that uses it
-
     name = f"tenant-b-{uuid.uuid4().hex[:6]}"
     await core.create_namespace({"metadata": {"name": name, "labels": {"pythontask.dev/test": "true"}}})
     await open_namespace(api, name)
@@ -203,12 +187,16 @@ async def test_a_namespace_that_did_not_opt_in_is_refused(
 
 
 async def test_a_grant_made_just_after_the_refusal_is_in_time(
-    core: client.CoreV1Api, rbac: client.RbacAuthorizationV1Api, tasks: TaskClient, operator: OperatorProcess
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    rbac: client.RbacAuthorizationV1Api,
+    tasks: TaskClient,
+    operator: OperatorProcess,
 ) -> None:
     # RBAC takes a moment to apply (and an apiserver that just restarted answers 403 until its cache is
     # filled): a refusal is confirmed over a few seconds before the task fails.
     await ready_pod(core, tasks.namespace, "worker")
-    await limited_account(rbac, core, tasks.namespace)
+    await limited_account(api, tasks.namespace)
     spec = {
         "serviceAccountName": "limited",
         "target": {"podName": "worker"},
@@ -227,6 +215,7 @@ async def test_a_grant_made_just_after_the_refusal_is_in_time(
 
 
 async def test_a_right_revoked_mid_run_keeps_the_attempt_so_the_rerun_stops_it_first(
+    api: client.ApiClient,
     core: client.CoreV1Api,
     rbac: client.RbacAuthorizationV1Api,
     tasks: TaskClient,
@@ -234,7 +223,7 @@ async def test_a_right_revoked_mid_run_keeps_the_attempt_so_the_rerun_stops_it_f
     tmp_path: Path,
 ) -> None:
     await ready_pod(core, tasks.namespace, "worker")
-    await limited_account(rbac, core, tasks.namespace)
+    await limited_account(api, tasks.namespace)
     await grant_exec(rbac, tasks.namespace)
     pids, release = tmp_path / "pids", tmp_path / "release"
     script = (

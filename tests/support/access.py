@@ -70,3 +70,22 @@ async def open_namespace(api: client.ApiClient, namespace: str) -> None:
         except ApiException as e:
             if e.status != 409:
                 raise
+
+
+async def bind_role(
+    api: client.ApiClient, namespace: str, name: str, rules: list[dict[str, Any]], subject: dict[str, str]
+) -> None:
+    """A Role `name` with these rules, bound to `subject` (a User, or a ServiceAccount of the namespace)."""
+    rbac = client.RbacAuthorizationV1Api(api)
+    await rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules})
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    binding = {"metadata": {"name": name}, "roleRef": role_ref, "subjects": [subject]}
+    await rbac.create_namespaced_role_binding(namespace, binding)
+
+
+async def service_account(
+    api: client.ApiClient, namespace: str, name: str, rules: list[dict[str, Any]]
+) -> None:
+    """A ServiceAccount with exactly these rights in its namespace (a Role of the same name)."""
+    await client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    await bind_role(api, namespace, name, rules, {"kind": "ServiceAccount", "name": name})

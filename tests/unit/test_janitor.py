@@ -42,16 +42,19 @@ def clock() -> FakeClock:
     return FakeClock(100.0)
 
 
-def install(monkeypatch: pytest.MonkeyPatch, agent: Agent) -> None:
+def janitor_and_agent(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock, *replies: Message | Exception
+) -> tuple[Janitor, Agent]:
+    """A janitor that sends only when flushed, to an agent that answers with `replies`."""
+    agent = Agent(*replies)
     monkeypatch.setattr(janitor_module, "agent_call", agent)
+    return Janitor(None, clock=clock, flush_every=None), agent  # type: ignore[arg-type]
 
 
 async def test_a_failed_call_is_tried_again_after_a_delay(
     monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
-    agent = Agent(ExecError("connection reset"))
-    install(monkeypatch, agent)
-    janitor = Janitor(None, clock=clock, flush_every=None)  # type: ignore[arg-type]
+    janitor, agent = janitor_and_agent(monkeypatch, clock, ExecError("connection reset"))
     janitor.forget(TARGET, PYTHON, "/tmp/pythontask/uid/a1")
     await janitor.flush()
     assert [r["dirs"] for r in agent.requests] == [["/tmp/pythontask/uid/a1"]]
@@ -66,9 +69,7 @@ async def test_a_failed_call_is_tried_again_after_a_delay(
 async def test_skipped_directories_are_tried_again_and_removed_ones_are_not(
     monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
-    agent = Agent(forgotten("/s/u/a2"))
-    install(monkeypatch, agent)
-    janitor = Janitor(None, clock=clock, flush_every=None)  # type: ignore[arg-type]
+    janitor, agent = janitor_and_agent(monkeypatch, clock, forgotten("/s/u/a2"))
     janitor.forget(TARGET, PYTHON, "/s/u/a1")
     janitor.forget(TARGET, PYTHON, "/s/u/a2")
     janitor.forget_task(TARGET, PYTHON, "/s/v")
@@ -81,9 +82,7 @@ async def test_skipped_directories_are_tried_again_and_removed_ones_are_not(
 async def test_a_task_directory_with_a_skipped_attempt_is_tried_again(
     monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
-    agent = Agent(forgotten("/s/v/a1"))
-    install(monkeypatch, agent)
-    janitor = Janitor(None, clock=clock, flush_every=None)  # type: ignore[arg-type]
+    janitor, agent = janitor_and_agent(monkeypatch, clock, forgotten("/s/v/a1"))
     janitor.forget_task(TARGET, PYTHON, "/s/v")
     janitor.forget_task(TARGET, PYTHON, "/s/w")
     await janitor.flush()
@@ -93,9 +92,7 @@ async def test_a_task_directory_with_a_skipped_attempt_is_tried_again(
 
 
 async def test_an_error_answer_is_a_failure(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
-    agent = Agent(Message({"type": "error", "message": "boom"}))
-    install(monkeypatch, agent)
-    janitor = Janitor(None, clock=clock, flush_every=None)  # type: ignore[arg-type]
+    janitor, agent = janitor_and_agent(monkeypatch, clock, Message({"type": "error", "message": "boom"}))
     janitor.forget(TARGET, PYTHON, "/s/u/a1")
     await janitor.flush()
     clock.now += RETRY_DELAYS[0]
@@ -106,9 +103,7 @@ async def test_an_error_answer_is_a_failure(monkeypatch: pytest.MonkeyPatch, clo
 async def test_after_the_last_retry_the_directory_is_let_go(
     monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
-    agent = Agent(*[TimeoutError()] * (len(RETRY_DELAYS) + 5))
-    install(monkeypatch, agent)
-    janitor = Janitor(None, clock=clock, flush_every=None)  # type: ignore[arg-type]
+    janitor, agent = janitor_and_agent(monkeypatch, clock, *[TimeoutError()] * (len(RETRY_DELAYS) + 5))
     janitor.forget(TARGET, PYTHON, "/s/u/a1")
     await janitor.flush()
     for delay in RETRY_DELAYS:
