@@ -93,7 +93,7 @@ def crds(cluster: local_cluster.Cluster) -> None:
 @pytest.fixture(scope="session")
 def operator(cluster: local_cluster.Cluster, crds: None) -> Iterator[OperatorProcess]:
     """The operator, running for the whole session (tests that kill it start it again)."""
-    process = OperatorProcess(cluster, local_cluster.ROOT / ".local/logs")
+    process = OperatorProcess(cluster, local_cluster.ROOT / ".local/logs", solo=True)
     process.start()
     yield process
     process.stop()

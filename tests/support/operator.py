@@ -40,11 +40,15 @@ class OperatorProcess:
         log_dir: Path,
         extra_env: dict[str, str] | None = None,
         name: str | None = None,
+        solo: bool = False,
     ) -> None:
         self.cluster = cluster
         self.log_dir = log_dir
         self.name = name or f"test-{log_dir.name}"
         self.extra_env = {**SHORT_LEASE, "PYTHONTASK_IDENTITY": self.name, **(extra_env or {})}
+        # The only operator meant to run: start() returns once it holds the (single) shard's lease, so a
+        # test that restarts it with other settings knows those settings are the ones that act.
+        self.solo = solo
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._kubeconfig: Path | None = None
@@ -93,12 +97,37 @@ class OperatorProcess:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                     if r.status == 200:
-                        return
+                        break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"operator not live after 60s; see {self.log_path}")
             time.sleep(0.1)
+        if self.solo:
+            self.wait_leading(within=60)
+
+    def lease_holder(self, shard: int = 0) -> str:
+        result = self.cluster.kubectl(
+            "get",
+            "lease",
+            f"pythontask-shard-{shard}",
+            "-n",
+            "pythontask-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+            check=False,
+        )
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    def wait_leading(self, within: float) -> None:
+        """Until this process holds shard 0's lease; says who does instead at the deadline."""
+        deadline = time.monotonic() + within
+        while not self.holds(holder := self.lease_holder()):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} does not lead after {within:g}s: {holder or 'nobody'} does")
+            time.sleep(0.2)
 
     @property
     def pid(self) -> int:
