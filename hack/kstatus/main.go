@@ -19,14 +19,20 @@ type answer struct {
 }
 
 func main() {
-	var objects []map[string]interface{}
+	var objects []json.RawMessage
 	if err := json.NewDecoder(os.Stdin).Decode(&objects); err != nil {
 		fmt.Fprintln(os.Stderr, "kstatus-check: stdin is not a JSON array of objects:", err)
 		os.Exit(2)
 	}
 	out := json.NewEncoder(os.Stdout)
-	for _, object := range objects {
-		result, err := status.Compute(&unstructured.Unstructured{Object: object})
+	for _, raw := range objects {
+		object := &unstructured.Unstructured{}
+		// The apiserver's decoding: integers stay integers (kstatus compares generations as int64).
+		if err := object.UnmarshalJSON(raw); err != nil {
+			_ = out.Encode(answer{Error: err.Error()})
+			continue
+		}
+		result, err := status.Compute(object)
 		if err != nil {
 			_ = out.Encode(answer{Error: err.Error()})
 			continue
