@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from support import access
+from support import access, seen_statuses
 from support import cluster as local_cluster
+from support import kstatus as kstatus_checker
 from support import real_node as real
 from support.operator import OperatorProcess
 from support.tasks import TaskClient
@@ -23,12 +24,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if CLUSTER_TESTS in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.cluster)
+    cluster_files = {Path(str(item.fspath)) for item in items if item.get_closest_marker("cluster")}
+    if cluster_files != set(CLUSTER_TESTS.glob("test_*.py")):
+        seen_statuses.WHOLE_SUITE["selected"] = False
+    # Tests that read what all others produced run last (a stable sort keeps the rest in order).
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if any(CLUSTER_TESTS in Path(str(item.fspath)).parents for item in items):
+        seen_statuses.WHOLE_SUITE["selected"] = False
 
 
 @pytest.fixture(scope="session")
 def cluster() -> local_cluster.Cluster:
     """The local cluster, started on first use and reused while it runs."""
     return local_cluster.up()
+
+
+@pytest.fixture(scope="session")
+def kstatus() -> Path:
+    """The kstatus checker (built once, cached across runs)."""
+    return kstatus_checker.build()
 
 
 @pytest.fixture(scope="session")

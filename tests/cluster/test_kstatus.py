@@ -5,40 +5,15 @@ Current once Succeeded, Failed once Failed, InProgress while there is work to do
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 from kubernetes_asyncio import client
 
-from support.cluster import ROOT
+from support.kstatus import computed
 from support.pods import ready_pod
 from support.tasks import TaskClient
 from support.waiting import eventually
-
-
-@pytest.fixture(scope="session")
-def kstatus() -> Path:
-    built = subprocess.run(
-        [str(ROOT / "hack/build-kstatus.sh")], check=True, capture_output=True, text=True, timeout=900
-    )
-    return Path(built.stdout.strip().splitlines()[-1])
-
-
-def computed(kstatus: Path, *objects: dict[str, Any]) -> list[str]:
-    out = subprocess.run(
-        [str(kstatus)],
-        input=json.dumps(list(objects)),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    answers = [json.loads(line) for line in out.splitlines()]
-    assert not [a for a in answers if "error" in a], answers
-    return [a["status"] for a in answers]
 
 
 async def test_kstatus_follows_a_task_from_creation_to_its_end(

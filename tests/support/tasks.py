@@ -7,6 +7,7 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from pythontask.spec import GROUP, PLURAL, VERSION
+from support import seen_statuses
 from support.waiting import eventually
 
 TERMINAL = ("Succeeded", "Failed")
@@ -38,6 +39,7 @@ class TaskClient:
         result: dict[str, Any] = await self.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, name
         )
+        seen_statuses.record(result)
         return result
 
     async def patch(self, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -3,25 +3,13 @@ statuses written by the operator's own status code, for every reason it can writ
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from lupa import LuaRuntime
 
 from pythontask import status as st
-
-ROOT = Path(__file__).resolve().parents[2]
-LUA = (ROOT / "integrations/argocd/health.lua").read_text()
-KEY = "resource.customizations.health.pythontask.dev_PythonTask"
-
-
-def health(task: dict[str, Any]) -> tuple[str, str]:
-    lua = LuaRuntime(unpack_returned_tuples=True)
-    lua.globals().obj = lua.table_from(task, recursive=True)
-    result = lua.execute(LUA)
-    return result["status"], result["message"]
+from support.argocd import CONFIG_KEY, LUA, ROOT, health
 
 
 def task(phase: st.Phase | None, reason: str = "", message: str = "", **meta: Any) -> dict[str, Any]:
@@ -63,4 +51,4 @@ def test_new_stale_and_rerun_tasks_are_progressing() -> None:
 
 def test_the_argocd_cm_snippet_carries_this_lua() -> None:
     config = yaml.safe_load((ROOT / "integrations/argocd/argocd-cm.yaml").read_text())
-    assert config["data"][KEY] == LUA
+    assert config["data"][CONFIG_KEY] == LUA
