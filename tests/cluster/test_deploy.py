@@ -35,6 +35,12 @@ def _ran(cluster: Cluster, pod: str, task: str, namespace: str) -> bool:
     return any(line.get("task") == task and line.get("namespace") == namespace for line in lines)
 
 
+def _acquisitions(cluster: Cluster, pod: str) -> list[dict[str, Any]]:
+    logs = cluster.kubectl("logs", "-n", NAMESPACE, pod).stdout
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "shard acquired: leading it"]
+
+
 @pytest.fixture
 def deployed(cluster: Cluster, real_node: str) -> Iterator[None]:
     """`make deploy` as a user runs it (no KUBECONFIG: the local cluster); the Deployment is deleted
@@ -196,14 +202,18 @@ async def _run_a_task_in_cluster(
             holder = await _leader(api)
             return holder if holder and holder != leader else None
 
-        # Within seconds, not a lease duration (15 s): the exiting leader released its lease. Its last
-        # words are kept (the pod and its logs are gone afterwards) to tell why, should it not have.
+        # Released, not left to expire: the successor took a lease with no holder (its acquisition log line
+        # says so), whatever the apiserver's latency. The old leader's last words are kept (its pod and
+        # logs are gone afterwards) to tell why, should it not have released it.
         with _following_logs(cluster, leader) as last_words:
             await core.delete_namespaced_pod(leader, NAMESPACE)
             try:
                 successor = await eventually(
-                    another_leads, within=10, what="another replica to take the lease"
+                    another_leads, within=30, what="another replica to take the lease"
                 )
+                acquired = _acquisitions(cluster, successor)
+                assert acquired, f"{successor} leads but did not log it"
+                assert acquired[-1].get("previous_holder") == "", acquired[-1]
             except AssertionError as e:
                 raise AssertionError(f"{e}; the old leader's last log lines:\n{last_words()}") from None
         await tasks.create("again", {"target": {"podName": "target"}, "script": {"inline": script}})

@@ -264,7 +264,7 @@ async def test_a_half_open_exec_stream_is_noticed_by_its_missing_heartbeat(
     async with FreezableProxy(host, port).running() as proxy:
         kubeconfig_through(restartable_operator.cluster.kubeconfig, proxy.port, kubeconfig)
         restartable_operator.stop()
-        restartable_operator.start(KUBECONFIG=str(kubeconfig))
+        restartable_operator.start(wait_for_lease=False, KUBECONFIG=str(kubeconfig))
         try:
             # Silent for 40 s, no idle timeout: only the agent's heartbeat shows the stream is alive.
             script = counted(tmp_path, body="print('started', flush=True)\ntime.sleep(40)\nprint('done')\n")
