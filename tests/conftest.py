@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from support import access, seen_statuses
+from support import access, go_checkers, seen_statuses
 from support import cluster as local_cluster
-from support import kstatus as kstatus_checker
 from support import real_node as real
 from support.operator import OperatorProcess
 from support.tasks import TaskClient
@@ -45,7 +44,13 @@ def cluster() -> local_cluster.Cluster:
 @pytest.fixture(scope="session")
 def kstatus() -> Path:
     """The kstatus checker (built once, cached across runs)."""
-    return kstatus_checker.build()
+    return go_checkers.build("kstatus")
+
+
+@pytest.fixture(scope="session")
+def promql_checker() -> Path:
+    """Prometheus's PromQL parser as a checker (built once, cached across runs)."""
+    return go_checkers.build("promql")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 // kstatus-check reads Kubernetes objects (a JSON array) on stdin and prints, one JSON object per line,
 // what sigs.k8s.io/cli-utils/pkg/kstatus computes for each: the status Flux and kpt wait on.
-// Built from the Go module proxy by hack/build-kstatus.sh; used by tests/cluster/test_kstatus.py.
+// Built from the Go module proxy by hack/build-checker.sh; used by tests/cluster/test_kstatus.py.
 package main
 
 import (

@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client
 
-from . import exec_wire
+from . import exec_wire, metrics
 from .agent_protocol import (
     FORGET_ACK,
     AgentProtocolError,
@@ -300,9 +300,11 @@ class _Session:
         decoder = AgentStreamDecoder()
         agent_stderr = exec_wire.Tail(4096)
         connect = max(0.1, min(self.limits.connect, self.deadline() - self.loop.time()))
+        opened = self.loop.time()
         async with open_exec(
             api, self.req.target, agent_command(self.req.python), connect_timeout=connect
         ) as stream:
+            metrics.EXEC_CONNECT_SECONDS.observe(self.loop.time() - opened)
             async with asyncio.timeout_at(self.deadline()) as timer:
                 if op == "run":
                     self.outcome.sent = True  # before writing: a request cut off mid-way may still arrive

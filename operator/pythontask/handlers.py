@@ -10,10 +10,17 @@ from typing import Any
 
 import kopf
 
-from . import fencing, metrics
+from . import fencing, health, metrics
 from .config import Settings
 from .kube import make_api_client
-from .leadership import PROCESS_IDENTITY_ENV, KubeLeases, Leadership, lease_namespace, process_identity
+from .leadership import (
+    ELECTION_BEAT,
+    PROCESS_IDENTITY_ENV,
+    KubeLeases,
+    Leadership,
+    lease_namespace,
+    process_identity,
+)
 from .leases import Timing
 from .registry import Registry
 from .runner import Context
@@ -65,9 +72,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     registry = Registry(Context.create(api, operator_settings), leadership)
     leadership.on_acquired, leadership.on_lost = registry.shard_acquired, registry.shard_lost
+    metrics.count_phases(registry.phases)
     metrics.serve(operator_settings.metrics_port, identity, operator_settings.shards)
     memo["registry"], memo["leadership"], memo["lease_api"] = registry, leadership, lease_api
-    memo["elector"] = asyncio.get_running_loop().create_task(leadership.run(), name="leader-election")
+    loop = asyncio.get_running_loop()
+    # A round takes at most a few requests, each bounded by its timeout: minutes without one is stuck.
+    health.BEATS.expect(ELECTION_BEAT, max(120.0, 4 * timing.lease_duration))
+    memo["elector"] = loop.create_task(leadership.run(), name="leader-election")
+    memo["heartbeat"] = loop.create_task(health.loop_heartbeat(), name="event-loop-heartbeat")
+    health.BEATS.started = True
 
 
 @kopf.on.cleanup()
@@ -75,6 +88,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     registry: Registry = memo["registry"]
     leadership: Leadership = memo["leadership"]
     elector: asyncio.Task[None] = memo["elector"]
+    memo["heartbeat"].cancel()
     # The election round in flight ends first (a request cancelled mid-way could land after the
     # release); then each shard's work stops and its lease is released for a standby.
     await leadership.close(running=not elector.done())

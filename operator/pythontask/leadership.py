@@ -25,7 +25,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import fencing, metrics
+from . import fencing, health, metrics
 from .kube import is_conflict, is_not_found
 from .leases import (
     LeaseRecord,
@@ -37,6 +37,7 @@ from .leases import (
 )
 
 log = structlog.get_logger(__name__)
+ELECTION_BEAT = "leader election"
 ROLE_LABEL = "pythontask.dev/lease-role"
 GROUP_LABEL = "pythontask.dev/lease-group"
 SHARDS_LABEL = "pythontask.dev/shards"
@@ -133,6 +134,7 @@ class Leadership:
                         await self.tick()
                     except Exception as e:  # the apiserver may be away: try again next round
                         log.warning("lease round failed", error=f"{type(e).__name__}: {e}")
+                    health.BEATS.beat(ELECTION_BEAT)  # a round ended, well or not: the loop is not stuck
                     await asyncio.sleep(self.timing.retry_period / 2)
             finally:
                 self._closing = True

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import fencing, impersonation
+from . import fencing, impersonation, metrics
 from . import status as st
 from .exec_client import ExecTarget
 from .impersonation import Identity
@@ -119,6 +119,11 @@ class Registry:
         self._background: dict[asyncio.Task[Any], tuple[int, dict[str, Any]]] = {}
         self._closing = False
         self._rereads = asyncio.Semaphore(REREADS_AT_ONCE)
+        self._phases: dict[str, str] = {}  # every task seen, led here or not: for the metrics
+
+    def phases(self) -> list[str]:
+        """The phase of every task this replica sees (Pending for one nobody has written yet)."""
+        return list(self._phases.values())
 
     def backoff(self, uid: str) -> float:
         failures = self.failures.get(uid, 0)
@@ -131,6 +136,10 @@ class Registry:
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         uid = meta["uid"]
+        if event_type == "DELETED":
+            self._phases.pop(uid, None)
+        else:
+            self._phases[uid] = (body.get("status") or {}).get("phase") or st.Phase.PENDING
         if not self.ownership.leads(self.shard(body)):
             if event_type != "DELETED" and _needs_work(body):
                 self.parked[uid] = body
@@ -228,6 +237,7 @@ class Registry:
             self.failures.pop(uid, None)
             return
         self.failures[uid] = self.failures.get(uid, 0) + 1
+        metrics.RUNNER_ERRORS.inc()
         meta = body["metadata"]
         delay = self.backoff(uid)
         log.error(

@@ -30,7 +30,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import attempt_fate, exec_wire, fencing, impersonation, machine
+from . import attempt_fate, exec_wire, fencing, impersonation, machine, metrics
 from . import status as st
 from .access import EXEC_RIGHT, Access, grant_hint, needed
 from .agent_ops import agent_call
@@ -421,7 +421,7 @@ class TaskRunner:
             "attempt " + ("starting" if op == "run" else "followed"), attempt=record.number, pod=record.pod
         )
         async with self.ctx.pod_cache.watching(self.namespace, record) as lost:
-            with self.ctx.pods.running_on(record.pod_uid):
+            with self.ctx.pods.running_on(record.pod_uid), metrics.IN_FLIGHT.track_inprogress():
                 outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting, op=op)
                 while self._keep_following(outcome):
                     # Its container still runs it: a long outage (kubelet, apiserver) is waited out, not
@@ -608,6 +608,9 @@ class TaskRunner:
         )
         assert decision is not None
         self.last, self.last_record = outcome, record
+        metrics.attempt_ended(
+            state.reason if state.terminal else decision.reason, record.start, not state.terminal
+        )
         self.log.info(
             "attempt ended", attempt=record.number, kind=str(outcome.kind), action=str(decision.action)
         )
@@ -649,6 +652,7 @@ class TaskRunner:
             message = f"Not restarting pod {pod.metadata.name} ({refused}); the task retries in it."
             await self.ctx.events.warning(self.body, "PodNotRestarted", message)
             return
+        metrics.POD_RESTARTS.inc()
         await self.ctx.events.warning(
             self.body,
             "RestartingPod",
@@ -754,6 +758,7 @@ class TaskRunner:
                 fields["resources"] = last.resources
         message = mask(state.message, values)
         await self._write(state.phase, state.reason, message, state, **fields)
+        metrics.FINISHED.labels(phase=str(state.phase), reason=str(state.reason)).inc()
         self.log.info(
             "task finished", phase=str(state.phase), reason=str(state.reason), exit_code=state.exit_code
         )
@@ -856,6 +861,7 @@ async def kill_attempt(
     request = {"op": "kill", "dir": attempt_dir(ctx.settings, body, record.id), "grace": grace, "why": why}
     target = ExecTarget(body["metadata"]["namespace"], record.pod, record.container)
     # The agent waits up to 30 s for a starting script's pid, then grace, then 10 s after SIGKILL.
+    metrics.KILLS.inc()
     reply = await agent_call(ctx.api, target, python_of(body), request, within=grace + 60)
     log.info("attempt killed", task=body["metadata"]["name"], attempt=record.number, **reply.fields)
     return reply

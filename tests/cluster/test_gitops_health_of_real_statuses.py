@@ -14,7 +14,7 @@ import pytest
 from support import seen_statuses
 from support.argocd import health
 from support.cluster import ROOT
-from support.kstatus import computed
+from support.go_checkers import computed
 
 pytestmark = pytest.mark.after_all
 

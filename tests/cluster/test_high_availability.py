@@ -57,7 +57,6 @@ class Replicas:
             {**DEFAULT_LEASE, "PYTHONTASK_SHARDS": str(shards), "PYTHONTASK_METRICS_PORT": str(port)},
             name=f"{name}-{uuid.uuid4().hex[:4]}",
         )
-        process.metrics_port = port  # type: ignore[attr-defined]
         process.start()
         self.started.append(process)
         return process
@@ -103,7 +102,7 @@ async def wait_holder(api: client.ApiClient, shard: int, process: OperatorProces
 
 def leads_by_metrics(process: OperatorProcess, shard: int) -> bool:
     """What the replica's own /metrics says: pythontask_shard_leader{shard=...} is 1."""
-    port = process.metrics_port  # type: ignore[attr-defined]
+    port = process.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     line = next(x for x in text.splitlines() if x.startswith(f'pythontask_shard_leader{{shard="{shard}"}}'))

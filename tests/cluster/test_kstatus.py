@@ -1,5 +1,5 @@
 """What Flux (and kpt, and `kubectl wait` users) see: the real kstatus library (sigs.k8s.io/cli-utils,
-built from the Go module proxy: hack/build-kstatus.sh) run on PythonTasks as the apiserver returns them.
+built from the Go module proxy: hack/build-checker.sh) run on PythonTasks as the apiserver returns them.
 Current once Succeeded, Failed once Failed, InProgress while there is work to do: right after creation
 (before the operator has written anything), while running, and after a spec edit."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from support.kstatus import computed
+from support.go_checkers import computed
 from support.pods import ready_pod
 from support.tasks import TaskClient
 from support.waiting import eventually

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+import yaml
 
 from support import access
 from support.cluster import ROOT, Cluster
+from support.go_checkers import module_file
+
+PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
 
 SA = "system:serviceaccount:pythontask-system:pythontask-operator"
 
@@ -26,6 +31,50 @@ def test_operator_manifests_pass_a_server_side_dry_run(cluster: Cluster, crds: N
         "role.rbac.authorization.k8s.io/pythontask-operator-leases",
     ):
         assert kind in out, out
+
+
+def test_the_monitoring_component_passes_a_server_side_dry_run_with_the_real_servicemonitor_crd(
+    cluster: Cluster, crds: None, tmp_path: Path
+) -> None:
+    # The ServiceMonitor CRD as the Prometheus Operator publishes it (its Go module, from the proxy).
+    crd = module_file(
+        "github.com/prometheus-operator/prometheus-operator",
+        PROMETHEUS_OPERATOR_VERSION,
+        "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
+    )
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com"
+    )
+    cluster.kubectl("apply", "-f", str(ROOT / "manifests/namespace.yaml"))
+    # As a user would: the install, plus the optional component.
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{ROOT / 'manifests'}]\ncomponents: [{ROOT / 'manifests/monitoring'}]\n"
+    )
+    out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(overlay)).stdout
+    assert "servicemonitor.monitoring.coreos.com/pythontask-operator" in out, out
+    assert "service/pythontask-operator-metrics" in out, out
+    # The chain Prometheus follows: ServiceMonitor -> Service (labels, port name) -> the operator's pods.
+    objects = {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in yaml.safe_load_all(cluster.kubectl("kustomize", str(overlay)).stdout)
+    }
+    monitor = objects[("ServiceMonitor", "pythontask-operator")]
+    service = objects[("Service", "pythontask-operator-metrics")]
+    deployment = objects[("Deployment", "pythontask-operator")]
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    [port] = service["spec"]["ports"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [container] = pod["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert str(named[port["targetPort"]]) == env["PYTHONTASK_METRICS_PORT"]
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))

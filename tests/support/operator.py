@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from support import access
 from support.cluster import ROOT, Cluster
 
@@ -51,6 +53,7 @@ class OperatorProcess:
         self.solo = solo
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.metrics_port = 0
         self._kubeconfig: Path | None = None
 
     def kubeconfig(self) -> Path:
@@ -83,6 +86,8 @@ class OperatorProcess:
         self.starts += 1
         port = free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig()), **self.extra_env, **extra_env}
+        self.metrics_port = int(env.get("PYTHONTASK_METRICS_PORT") or 0) or free_port()
+        env["PYTHONTASK_METRICS_PORT"] = str(self.metrics_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -130,6 +135,19 @@ class OperatorProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} does not lead after {within:g}s: {holder or 'nobody'} does")
             time.sleep(0.2)
+
+    def scrape(self, path: str = "/metrics") -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
+            return str(r.read().decode())
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample on /metrics, as `name{label="value",...}` (labels sorted) -> value."""
+        samples = {}
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
 
     @property
     def pid(self) -> int:
