@@ -583,6 +583,47 @@ class Bench:
         self.stop_operator()
         await self.delete_tasks()
 
+    # ---- live progress: status writes of one long task ---------------------------------------------
+    async def progress(self) -> None:
+        """A task printing twice a second for a while, once per progress interval (the default 10s, and
+        0s: only the attempt's own writes): the status writes it costs, per minute of running."""
+        seconds = 20 if self.quick else 60
+        self.start_operator()
+        script = f"import time\nfor i in range({seconds * 2}):\n    print('line', i, flush=True)\n    time.sleep(0.5)\n"
+        rows: dict[str, dict[str, float]] = {}
+        for interval in ("10s", "0s"):
+            name = f"progress-{interval}"
+            before = await self.metrics()
+            began = time.monotonic()
+            await self.create_task(
+                name,
+                {
+                    "target": {"podName": "exec-target"},
+                    "script": {"inline": script},
+                    "output": {"progressInterval": interval},
+                    "timeouts": {"attempt": "10m"},
+                },
+            )
+            self.phases = {}
+            done: dict[str, float] = {}
+            await self.watch_tasks({name}, done, asyncio.Event())
+            elapsed = done[name] - began
+            after = await self.metrics()
+            writes = sum(
+                v - before.get(k, 0)
+                for k, v in after.items()
+                if k[1] == "pythontasks" and k[0] in WRITE_VERBS and k != CREATED_BY_CLIENT
+            )
+            rows[interval] = {
+                "seconds": elapsed,
+                "writes": writes,
+                "writes_per_minute": writes / elapsed * 60,
+            }
+            log(f"progress every {interval}: {writes:.0f} writes in {elapsed:.0f}s")
+        self.results["progress"] = {"script_seconds": seconds, "by_interval": rows}
+        self.stop_operator()
+        await self.delete_tasks()
+
     # ---- 6. concurrency -------------------------------------------------------------------------------
     async def concurrency(self) -> None:
         wanted = int(os.environ.get("BENCH_CONCURRENCY_N", "0")) or (100 if self.quick else 1000)
@@ -810,6 +851,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"peak RSS {conc['operator_peak_rss_mib']:.0f} MiB, "
             f"CPU {conc['operator_cpu_seconds']:.1f} s"
         )
+    pr = results.get("progress")
+    if pr:
+        lines += [
+            f"\n**Live progress** (one task printing twice a second for {pr['script_seconds']} s): status writes",
+            "",
+            "| progressInterval | writes | writes/min |",
+            "|---|---|---|",
+        ]
+        for interval, row in pr["by_interval"].items():
+            lines.append(f"| {interval} | {row['writes']:.0f} | {row['writes_per_minute']:.1f} |")
     sh = results.get("shards")
     if sh:
         lines += [
@@ -850,7 +901,16 @@ async def main() -> None:
     bench = Bench(args.quick)
     await bench.setup()
     bench.results["machine"] = bench.machine()
-    sections = ["exec_clients", "overhead", "throughput", "at_rest", "concurrency", "shards", "real_node"]
+    sections = [
+        "exec_clients",
+        "overhead",
+        "throughput",
+        "at_rest",
+        "progress",
+        "concurrency",
+        "shards",
+        "real_node",
+    ]
     for section in args.only or sections:
         log(f"section {section}")
         try:

@@ -342,10 +342,14 @@ async def run_attempt(
     gate: asyncio.Semaphore | None = None,
     *,
     op: str = "run",
+    observe: Callable[[AttemptOutcome], None] | None = None,
 ) -> AttemptOutcome:
     """Runs (op "run") or follows (op "follow", after a restart) one attempt to its end. `gate` bounds
-    how many attempts are starting at once. A follow that finds nothing ends with `missing` set."""
+    how many attempts are starting at once. A follow that finds nothing ends with `missing` set.
+    `observe` is handed the outcome as it fills up (its tails grow while the script writes)."""
     outcome = AttemptOutcome(stdout=exec_wire.Tail(req.tail_bytes), stderr=exec_wire.Tail(req.tail_bytes))
+    if observe is not None:
+        observe(outcome)
     # A followed attempt was recorded (and maybe started) before: it may be running until shown otherwise.
     outcome.sent = op == "follow"
     session = _Session(req, limits, outcome, gate)

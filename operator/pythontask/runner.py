@@ -19,7 +19,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -420,15 +420,23 @@ class TaskRunner:
         self.log.info(
             "attempt " + ("starting" if op == "run" else "followed"), attempt=record.number, pod=record.pod
         )
-        async with self.ctx.pod_cache.watching(self.namespace, record) as lost:
+        secrets = inputs.secret_values if inputs is not None else frozenset()
+        async with (
+            self.ctx.pod_cache.watching(self.namespace, record) as lost,
+            self._progress(spec, state, secrets) as watch,
+        ):
             with self.ctx.pods.running_on(record.pod_uid), metrics.IN_FLIGHT.track_inprogress():
-                outcome = await run_attempt(self.ctx.api, request, limits, lost, self.ctx.connecting, op=op)
+                outcome = await run_attempt(
+                    self.ctx.api, request, limits, lost, self.ctx.connecting, op=op, observe=watch
+                )
                 while self._keep_following(outcome):
                     # Its container still runs it: a long outage (kubelet, apiserver) is waited out, not
                     # ended by a kill. The attempt's own deadlines still bound this.
                     self.log.info("following the attempt again after a long break", attempt=record.number)
                     before = outcome
-                    outcome = await run_attempt(self.ctx.api, request, limits, lost, None, op="follow")
+                    outcome = await run_attempt(
+                        self.ctx.api, request, limits, lost, None, op="follow", observe=watch
+                    )
                     outcome.mask |= before.mask
                     outcome.started |= before.started
         if inputs is not None:
@@ -449,6 +457,46 @@ class TaskRunner:
             outcome.kind = machine.Kind.POD_NOT_READY
             outcome.message += f" Pod {record.pod} is not Ready."
         return outcome
+
+    @contextlib.asynccontextmanager
+    async def _progress(
+        self, spec: PythonTaskSpec, state: machine.TaskState, secrets: frozenset[str]
+    ) -> AsyncIterator[Callable[[AttemptOutcome], None]]:
+        """While the attempt runs: its tails and byte counts written to status every
+        `output.progressInterval` when they changed. Stopped (never cut mid-write) before the attempt's
+        own writes; a refresh that fails is skipped, the attempt goes on."""
+        live: list[AttemptOutcome] = []
+        interval = spec.output.progress_interval_seconds
+        if not interval:
+            yield live.append
+            return
+        done = asyncio.Event()
+
+        async def refresh() -> None:
+            shown: tuple[int, int] = (0, 0)
+            while not await _wait_or_timeout(done, interval):
+                outcome = live[-1] if live else None
+                if outcome is None or (outcome.stdout.total, outcome.stderr.total) == shown:
+                    continue
+                shown = (outcome.stdout.total, outcome.stderr.total)
+                message = (self.body.get("status") or {}).get("message") or ""
+                try:
+                    await self._write(
+                        st.Phase.RUNNING,
+                        st.Reason.RUNNING,
+                        message,
+                        state,
+                        output=_output_of(outcome, secrets),
+                    )
+                except (TimeoutError, ApiException, Superseded, OSError) as e:
+                    self.log.info("progress not written", problem=brief(e))
+
+        reporter = asyncio.get_running_loop().create_task(refresh(), name="progress")
+        try:
+            yield live.append
+        finally:
+            done.set()
+            await asyncio.gather(reporter, return_exceptions=True)
 
     async def _salvage(
         self, spec: PythonTaskSpec, record: machine.AttemptRecord, pod: Any, deadline: float | None
@@ -620,7 +668,8 @@ class TaskRunner:
         if not state.terminal:
             message = mask(decision.message, outcome.mask)
             await self.ctx.events.warning(self.body, decision.reason, message)
-            await self._write(st.Phase.RETRYING, decision.reason, message, state)
+            # The attempt's whole tails, not the last progress refresh's: what Retrying is about.
+            await self._write(st.Phase.RETRYING, decision.reason, message, state, output=_output_of(outcome))
             await self._forget(record, outcome)
         return state
 
@@ -747,13 +796,7 @@ class TaskRunner:
         last = self.last
         values = last.mask if last is not None else frozenset()
         if last is not None:
-            fields["output"] = st.output_status(
-                stdout=mask_tail(last.stdout.text(), values, last.stdout_bytes > len(last.stdout.data())),
-                stderr=mask_tail(last.stderr.text(), values, last.stderr_bytes > len(last.stderr.data())),
-                stdout_bytes=last.stdout_bytes,
-                stderr_bytes=last.stderr_bytes,
-                truncated=last.truncated,
-            )
+            fields["output"] = _output_of(last)
             if last.resources:
                 fields["resources"] = last.resources
         message = mask(state.message, values)
@@ -806,6 +849,26 @@ class TaskRunner:
                 raise Superseded("the task's spec or status changed under this runner")
             self.body = fresh
         raise Superseded("too many conflicting writes")
+
+
+async def _wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
+
+
+def _output_of(outcome: AttemptOutcome, secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """status.output for an attempt, so far or at its end: the tails with every Secret value masked
+    (also one the tail's start cut through), and the byte counts."""
+    values = outcome.mask | secrets
+    return st.output_status(
+        stdout=mask_tail(outcome.stdout.text(), values, outcome.stdout_bytes > len(outcome.stdout.data())),
+        stderr=mask_tail(outcome.stderr.text(), values, outcome.stderr_bytes > len(outcome.stderr.data())),
+        stdout_bytes=outcome.stdout_bytes,
+        stderr_bytes=outcome.stderr_bytes,
+        truncated=outcome.truncated,
+    )
 
 
 def _ended(kind: machine.Kind, message: str) -> AttemptOutcome:

@@ -211,9 +211,27 @@ class Retry(Model):
     on_exit_codes: ExitCodes | None = None
 
 
+DEFAULT_PROGRESS_INTERVAL = "10s"
+MIN_PROGRESS_INTERVAL_SECONDS = 1.0  # each refresh is a status write: bounded per task
+
+
 class OutputSpec(Model):
     tail_bytes: int = Field(default=DEFAULT_TAIL_BYTES, ge=0, le=MAX_TAIL_BYTES)
     max_bytes: int | None = Field(default=None, ge=1024 * 1024)  # None: the operator's default
+    # How often, at most, the tails are written to status while the script runs ("0s": only at the end).
+    progress_interval: str = DEFAULT_PROGRESS_INTERVAL
+
+    @field_validator("progress_interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        seconds = durations.parse(value)
+        if 0 < seconds < MIN_PROGRESS_INTERVAL_SECONDS:
+            raise ValueError(f"must be at least {MIN_PROGRESS_INTERVAL_SECONDS:g}s, or 0s to turn it off")
+        return value
+
+    @property
+    def progress_interval_seconds(self) -> float:
+        return durations.parse(self.progress_interval)
 
 
 class PythonTaskSpec(Model):

@@ -48,6 +48,11 @@ MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.timeouts.podReady", "duration like 90s, 5m or 1h30m"],
     ),
     ("negative duration", spec(timeouts={"podReady": "-5s"}), ["spec.timeouts.podReady"]),
+    (
+        "progress refreshed too often",
+        spec(output={"progressInterval": "500ms"}),
+        ["spec.output.progressInterval", "at least 1s, or 0s to turn it off"],
+    ),
     ("args not strings", spec(args=["--n", 5]), ["spec.args[1]", "string"]),
     ("env without name", spec(env=[{"value": "1"}]), ["spec.env[0].name", "Required"]),
     (

@@ -76,6 +76,7 @@ def status_objects() -> s.SearchStrategy[dict[str, Any]]:
 
 
 DURATIONS = ["0s", "1s", "2s", "500ms", "1m", "1h30m"]
+PROGRESS_INTERVALS = ["0s", "1s", "10s", "1m30s"]  # at least 1s, or 0s
 KINDS = ("podName", "selector", "template")
 
 
@@ -144,6 +145,8 @@ def coherent(spec: dict[str, Any], seed: int) -> dict[str, Any]:
         spec["env"] = env
     for name in list(spec.get("timeouts") or {}):
         spec["timeouts"][name] = DURATIONS[(seed + len(name)) % len(DURATIONS)]
+    if "progressInterval" in (spec.get("output") or {}):
+        spec["output"]["progressInterval"] = PROGRESS_INTERVALS[seed % len(PROGRESS_INTERVALS)]
     backoff = (spec.get("retry") or {}).get("backoff")
     for name in list(backoff or {}):
         if name in ("initial", "max"):
