@@ -76,8 +76,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     metrics.serve(operator_settings.metrics_port, identity, operator_settings.shards)
     memo["registry"], memo["leadership"], memo["lease_api"] = registry, leadership, lease_api
     loop = asyncio.get_running_loop()
-    # A round takes at most a few requests, each bounded by its timeout: minutes without one is stuck.
-    health.BEATS.expect(ELECTION_BEAT, max(120.0, 4 * timing.lease_duration))
+    # A round takes a few requests, each bounded by its timeout: minutes without one ending is stuck
+    # (readiness only: an apiserver outage stalls every replica's rounds alike).
+    health.BEATS.expect(ELECTION_BEAT, max(180.0, 6 * timing.lease_duration), liveness=False)
     memo["elector"] = loop.create_task(leadership.run(), name="leader-election")
     memo["heartbeat"] = loop.create_task(health.loop_heartbeat(), name="event-loop-heartbeat")
     health.BEATS.started = True

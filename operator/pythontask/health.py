@@ -1,11 +1,14 @@
 """Liveness and readiness, served from a thread beside /metrics, so that an event loop that is stuck
 (a blocking call, a busy loop) is seen from outside it instead of simply not answering.
 
-- /healthz fails once a heartbeat is older than its limit: the event loop's own (beats every second),
-  and the leader election's (one round per retry period, leader or standby). Watches cannot hang
-  silently: every watch and request has a client-side timeout (kopf's client_timeout, ours).
-- /readyz is /healthz plus "started": the API clients, caches and election exist. A standby is ready:
-  it holds warm caches and takes over in seconds."""
+- /healthz fails once the event loop's heartbeat (every second) is older than 30 s: a restart helps
+  there. Watches cannot hang silently: every watch and request has a client-side timeout (kopf's
+  client_timeout, ours).
+- /readyz is /healthz plus "started" (the API clients, caches and election exist) plus the leader
+  election's heartbeat (a round ends at least every few retry periods, leader or standby). A stuck
+  election is reported there, not by liveness: while the apiserver is away every replica's rounds
+  stall together, and restarting them all would only slow the recovery. A standby is ready: it holds
+  warm caches and takes over in seconds."""
 
 from __future__ import annotations
 
@@ -29,21 +32,26 @@ class Heartbeats:
         self.clock = clock
         self.last: dict[str, float] = {}
         self.limits: dict[str, float] = {}
+        self.readiness_only: set[str] = set()
         self.started = False
 
-    def expect(self, name: str, within: float) -> None:
+    def expect(self, name: str, within: float, *, liveness: bool = True) -> None:
+        """A beat to watch; `liveness=False`: it counts for readiness only."""
         self.limits[name] = within
         self.last[name] = self.clock()
+        if not liveness:
+            self.readiness_only.add(name)
 
     def beat(self, name: str) -> None:
         self.last[name] = self.clock()
 
-    def stale(self) -> list[str]:
+    def stale(self, *, readiness: bool = False) -> list[str]:
+        """What is stuck: beats older than their limits (those for readiness only, if `readiness`)."""
         now = self.clock()
         return [
             f"{name}: no beat for {now - self.last[name]:.0f}s (limit {limit:g}s)"
             for name, limit in sorted(self.limits.items())
-            if now - self.last[name] > limit
+            if now - self.last[name] > limit and (readiness or name not in self.readiness_only)
         ]
 
 
@@ -75,7 +83,9 @@ def app(beats: Heartbeats) -> Callable[..., Iterable[bytes]]:
         if path == "/healthz":
             return _answer(start_response, beats.stale())
         if path == "/readyz":
-            return _answer(start_response, (["starting"] if not beats.started else []) + beats.stale())
+            return _answer(
+                start_response, (["starting"] if not beats.started else []) + beats.stale(readiness=True)
+            )
         return metrics(environ, start_response)  # type: ignore[no-any-return]
 
     return route

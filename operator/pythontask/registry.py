@@ -35,6 +35,7 @@ from .runner import (
     FINALIZER,
     Context,
     StopReason,
+    Superseded,
     TaskRunner,
     ensure_stopped,
     python_of,
@@ -237,7 +238,8 @@ class Registry:
             self.failures.pop(uid, None)
             return
         self.failures[uid] = self.failures.get(uid, 0) + 1
-        metrics.RUNNER_ERRORS.inc()
+        if not isinstance(error, Superseded):  # the fence doing its job: looked at again, no error
+            metrics.RUNNER_ERRORS.inc()
         meta = body["metadata"]
         delay = self.backoff(uid)
         log.error(

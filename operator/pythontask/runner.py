@@ -488,7 +488,7 @@ class TaskRunner:
                         state,
                         output=_output_of(outcome, secrets),
                     )
-                except (TimeoutError, ApiException, Superseded, OSError) as e:
+                except Exception as e:  # the attempt's own writes decide; a refresh is only skipped
                     self.log.info("progress not written", problem=brief(e))
 
         reporter = asyncio.get_running_loop().create_task(refresh(), name="progress")

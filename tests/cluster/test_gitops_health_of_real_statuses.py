@@ -18,6 +18,14 @@ from support.go_checkers import computed
 
 pytestmark = pytest.mark.after_all
 
+# Known gaps, each with why; the test fails if one is produced after all (then drop it from here).
+NOT_PRODUCED_ON_THE_CLUSTER = {
+    # Needs an exec stream that breaks and a re-attach that finds no trace of a started attempt (or
+    # none possible for the re-attach window): the machine's handling is unit-tested, the Lua and
+    # kstatus read it like any other Retrying/Failed reason.
+    "StreamBroken": "no cluster test breaks a stream beyond following it again",
+}
+
 
 def readme_reasons() -> set[str]:
     """The reasons listed in the README's table (first column of its `| Reason | Phase | ... |` rows)."""
@@ -43,17 +51,11 @@ def test_argocd_and_kstatus_read_every_status_the_operator_wrote(kstatus: Path) 
     assert seen, "no test read a task status"
     wrong = []
     for (phase, reason), task in sorted(seen.items()):
-        final = phase in ("Succeeded", "Failed")
-        want_health = (
-            {"Succeeded": "Healthy", "Failed": "Degraded"}[phase]
-            if final and up_to_date(task)
-            else "Progressing"
-        )
-        want_kstatus = (
-            {"Succeeded": "Current", "Failed": "Failed"}[phase]
-            if final and of_this_spec(task)
-            else "InProgress"
-        )
+        at_rest = phase in ("Succeeded", "Failed")
+        health_at_rest = {"Succeeded": "Healthy", "Failed": "Degraded"}
+        kstatus_at_rest = {"Succeeded": "Current", "Failed": "Failed"}
+        want_health = health_at_rest[phase] if at_rest and up_to_date(task) else "Progressing"
+        want_kstatus = kstatus_at_rest[phase] if at_rest and of_this_spec(task) else "InProgress"
         got_health, message = health(task)
         [got_kstatus] = computed(kstatus, task)
         if (got_health, got_kstatus) != (want_health, want_kstatus):
@@ -63,4 +65,6 @@ def test_argocd_and_kstatus_read_every_status_the_operator_wrote(kstatus: Path) 
     assert not wrong, wrong
     if seen_statuses.WHOLE_SUITE["selected"]:
         missing = readme_reasons() - {reason for _, reason in seen}
-        assert not missing, f"reasons in the README that no test produced on the cluster: {sorted(missing)}"
+        assert missing == set(NOT_PRODUCED_ON_THE_CLUSTER), (
+            f"reasons in the README that no test produced on the cluster: {sorted(missing)}"
+        )

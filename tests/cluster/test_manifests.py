@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -50,9 +51,9 @@ def test_the_monitoring_component_passes_a_server_side_dry_run_with_the_real_ser
     # As a user would: the install, plus the optional component.
     overlay = tmp_path / "overlay"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        f"resources: [{ROOT / 'manifests'}]\ncomponents: [{ROOT / 'manifests/monitoring'}]\n"
-    )
+    # kustomize takes relative paths only (to directories anywhere).
+    base = os.path.relpath(ROOT / "manifests", overlay)
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{base}/monitoring]\n")
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(overlay)).stdout
     assert "servicemonitor.monitoring.coreos.com/pythontask-operator" in out, out
     assert "service/pythontask-operator-metrics" in out, out

@@ -73,7 +73,9 @@ async def test_metrics_count_what_the_tasks_did(
     # attempt), the kills and pod restarts announced by Events.
     attempts = Counter(h["reason"] for s in statuses.values() for h in s["history"])
     retries = Counter(h["reason"] for s in statuses.values() for h in s["history"][:-1])
-    events = Counter(e.reason for name in statuses for e in await tasks.events(name))
+    events: Counter[str] = Counter()
+    for name in statuses:
+        events.update(e.reason for e in await tasks.events(name))
     finished = Counter((s["phase"], s["reason"]) for s in statuses.values())
 
     async def counted() -> dict[str, float] | None:

@@ -74,32 +74,39 @@ async def test_a_progress_interval_of_0s_writes_output_only_at_the_end(
     core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
 ) -> None:
     await ready_pod(core, tasks.namespace)
-    release, printed = tmp_path / "release", tmp_path / "printed"
-    # 15 lines over 3 s, then a mark for the test, then it waits to be released.
-    script = (
-        "import os, time\n"
-        "for n in range(15):\n    print('tick', n, flush=True)\n    time.sleep(0.2)\n"
-        f"open({str(printed)!r}, 'w').close()\n"
-        f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
-    )
-    spec = {
-        "target": {"podName": "worker"},
-        "script": {"inline": script},
-        "output": {"progressInterval": "0s"},
-    }
-    await tasks.create("quiet", spec)
-    while_running: list[dict[str, Any]] = []
+    # Twins: the same script (15 lines over 3 s, then a mark, then it waits to be released), one with
+    # refreshes every 1s, one with 0s. The first shows output while Running, so 3 s were enough to see one.
+    release = tmp_path / "release"
+    seen: dict[str, list[dict[str, Any]]] = {"every-second": [], "quiet": []}
+    for name, interval in (("every-second", "1s"), ("quiet", "0s")):
+        (tmp_path / name).mkdir()
+        printed = tmp_path / name / "printed"
+        script = (
+            "import os, time\n"
+            "for n in range(15):\n    print('tick', n, flush=True)\n    time.sleep(0.2)\n"
+            f"open({str(printed)!r}, 'w').close()\n"
+            f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
+        )
+        spec = {
+            "target": {"podName": "worker"},
+            "script": {"inline": script},
+            "output": {"progressInterval": interval},
+        }
+        await tasks.create(name, spec)
 
-    async def printed_all() -> bool:
-        status = (await tasks.get("quiet")).get("status") or {}
-        if status.get("phase") == "Running":
-            while_running.append(status)
-        return printed.exists()
+    async def both_printed() -> bool:
+        for name, statuses in seen.items():
+            status = (await tasks.get(name)).get("status") or {}
+            if status.get("phase") == "Running":
+                statuses.append(status)
+        return all((tmp_path / name / "printed").exists() for name in seen)
 
-    await eventually(printed_all, within=60, what="the script to print its 15 lines")
-    assert while_running, "never saw it Running"
-    assert [s for s in while_running if s.get("output")] == []
+    await eventually(both_printed, within=60, what="both scripts to print their 15 lines")
+    assert [s for s in seen["every-second"] if s.get("output")], "the 1s twin showed no progress"
+    assert seen["quiet"], "never saw it Running"
+    assert [s for s in seen["quiet"] if s.get("output")] == []
     release.touch()
-    final = await tasks.wait_status("quiet")
-    assert final["phase"] == "Succeeded"
-    assert final["output"]["stdout"] == "".join(f"tick {n}\n" for n in range(15))
+    for name in seen:
+        final = await tasks.wait_status(name)
+        assert final["phase"] == "Succeeded"
+        assert final["output"]["stdout"] == "".join(f"tick {n}\n" for n in range(15))

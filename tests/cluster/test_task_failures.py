@@ -10,6 +10,7 @@ from kubernetes_asyncio import client
 from support.objects import READY, READY_DELAY
 from support.pods import ready_pod
 from support.tasks import TaskClient
+from support.waiting import eventually
 
 
 async def assert_failed(
@@ -132,3 +133,60 @@ async def test_an_interpreter_that_does_not_exist(core: client.CoreV1Api, tasks:
     spec = {"target": {"podName": "worker"}, "script": {"inline": "print(1)"}, "python": ["python9.9"]}
     status = await tasks.run("no-python", spec)
     await assert_failed(tasks, "no-python", status, "ExecError", "python9.9")
+
+
+async def test_a_script_killed_by_a_signal(core: client.CoreV1Api, tasks: TaskClient) -> None:
+    await ready_pod(core, tasks.namespace)
+    script = "import os, signal\nprint('going', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    spec = {"target": {"podName": "worker"}, "script": {"inline": script}, "retry": {"limit": 0}}
+    status = await tasks.run("signalled", spec)
+    assert (status["phase"], status["reason"], status["exitCode"]) == ("Failed", "Killed", 137), status
+    assert "SIGKILL" in status["message"], status["message"]
+    assert status["output"]["stdout"] == "going\n"
+
+
+async def test_more_output_than_max_bytes_kills_the_script(core: client.CoreV1Api, tasks: TaskClient) -> None:
+    await ready_pod(core, tasks.namespace)
+    script = "import sys, time\nfor _ in range(64):\n    sys.stdout.write('x' * 65536)\n"
+    script += "sys.stdout.flush()\ntime.sleep(60)\n"
+    spec = {
+        "target": {"podName": "worker"},
+        "script": {"inline": script},
+        "output": {"maxBytes": 1048576},
+        "retry": {"limit": 2},  # not retried: the same script would write as much again
+    }
+    status = await tasks.run("chatty", spec, within=60)
+    await assert_failed(tasks, "chatty", status, "OutputLimitExceeded", "1048576")
+    assert status["attempts"] == 1
+
+
+async def test_a_template_the_apiserver_refuses(tasks: TaskClient) -> None:
+    template = {"spec": {"containers": [{"name": "c", "image": "x", "ports": [{"containerPort": 99999}]}]}}
+    spec = {"target": {"template": template}, "script": {"inline": "print(1)"}}
+    status = await tasks.run("refused-pod", spec)
+    await assert_failed(tasks, "refused-pod", status, "InvalidPodTemplate", "containerPort")
+
+
+async def test_a_status_this_operator_cannot_have_written_stops_the_task(tasks: TaskClient) -> None:
+    # Failed (at rest: nothing runs), a buggy client writes an attempt without id or number, then a rerun
+    # is asked for: what that attempt was cannot be known, so nothing runs until the next rerun.
+    spec = {"target": {"podName": "absent"}, "script": {"inline": "print(1)"}, "timeouts": {"podReady": "1s"}}
+    assert (await tasks.run("scribbled", spec))["reason"] == "PodNotFound"
+    await tasks.custom.patch_namespaced_custom_object_status(
+        "pythontask.dev",
+        "v1alpha1",
+        tasks.namespace,
+        "pythontasks",
+        "scribbled",
+        {"status": {"currentAttempt": {"pod": "absent"}}},
+        _content_type="application/merge-patch+json",
+    )
+    await tasks.patch("scribbled", {"metadata": {"annotations": {"pythontask.dev/rerun": "1"}}})
+
+    async def refused() -> dict[str, Any] | None:
+        status = (await tasks.get("scribbled")).get("status") or {}
+        return status if status.get("reason") == "InvalidStatus" else None
+
+    status = await eventually(refused, within=60, what="the rerun refused as InvalidStatus")
+    assert status["phase"] == "Failed"
+    assert "pythontask.dev/rerun" in status["message"], status["message"]

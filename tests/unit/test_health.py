@@ -22,13 +22,22 @@ def fetch(port: int, path: str) -> tuple[int, str]:
 def test_a_beat_older_than_its_limit_is_stale() -> None:
     now = [100.0]
     beats = health.Heartbeats(clock=lambda: now[0])
-    beats.expect("leader election", 60)
+    beats.expect("event loop", 60)
     now[0] += 59
     assert beats.stale() == []
     now[0] += 2
-    assert beats.stale() == ["leader election: no beat for 61s (limit 60s)"]
-    beats.beat("leader election")
+    assert beats.stale() == ["event loop: no beat for 61s (limit 60s)"]
+    beats.beat("event loop")
     assert beats.stale() == []
+
+
+def test_a_stuck_election_fails_readiness_not_liveness() -> None:
+    now = [100.0]
+    beats = health.Heartbeats(clock=lambda: now[0])
+    beats.expect("leader election", 180, liveness=False)
+    now[0] += 200  # an apiserver away for minutes: every replica's rounds stall alike
+    assert beats.stale() == []
+    assert beats.stale(readiness=True) == ["leader election: no beat for 200s (limit 180s)"]
 
 
 async def test_a_blocked_event_loop_fails_liveness_and_readiness_says_starting_first() -> None:
