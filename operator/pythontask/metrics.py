@@ -40,7 +40,10 @@ EXEC_CONNECT_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")),
 )
 IN_FLIGHT = Gauge("pythontask_attempts_in_flight", "Attempts this replica is running or following now.")
-KILLS = Counter("pythontask_kills_total", "Scripts this replica asked the agent to kill.")
+KILLS = Counter(
+    "pythontask_kills_total",
+    "Kill requests this replica sent to the agent (a script, or a tombstone for one not started yet).",
+)
 POD_RESTARTS = Counter("pythontask_pod_restarts_total", "Pods deleted so that their owner recreates them.")
 RUNNER_ERRORS = Counter(
     "pythontask_runner_errors_total", "Unexpected errors that stopped a task's runner (it is retried)."
