@@ -140,7 +140,8 @@ class Registry:
         if event_type == "DELETED":
             self._phases.pop(uid, None)
         else:
-            self._phases[uid] = (body.get("status") or {}).get("phase") or st.Phase.PENDING
+            phase = (body.get("status") or {}).get("phase")
+            self._phases[uid] = phase if isinstance(phase, str) and phase else st.Phase.PENDING
         if not self.ownership.leads(self.shard(body)):
             if event_type != "DELETED" and _needs_work(body):
                 self.parked[uid] = body
