@@ -29,16 +29,19 @@ NAMESPACE = "pythontask-system"
 DEPLOYMENT = "pythontask-operator"
 
 
-def _ran(cluster: Cluster, pod: str, task: str, namespace: str) -> bool:
+def _log_lines(cluster: Cluster, pod: str) -> list[dict[str, Any]]:
+    """An operator pod's JSON log lines."""
     logs = cluster.kubectl("logs", "-n", NAMESPACE, pod).stdout
-    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+
+
+def _ran(cluster: Cluster, pod: str, task: str, namespace: str) -> bool:
+    lines = _log_lines(cluster, pod)
     return any(line.get("task") == task and line.get("namespace") == namespace for line in lines)
 
 
 def _acquisitions(cluster: Cluster, pod: str) -> list[dict[str, Any]]:
-    logs = cluster.kubectl("logs", "-n", NAMESPACE, pod).stdout
-    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == "shard acquired: leading it"]
+    return [line for line in _log_lines(cluster, pod) if line.get("event") == "shard acquired: leading it"]
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -102,11 +101,7 @@ async def wait_holder(api: client.ApiClient, shard: int, process: OperatorProces
 
 def leads_by_metrics(process: OperatorProcess, shard: int) -> bool:
     """What the replica's own /metrics says: pythontask_shard_leader{shard=...} is 1."""
-    port = process.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    line = next(x for x in text.splitlines() if x.startswith(f'pythontask_shard_leader{{shard="{shard}"}}'))
-    return float(line.split()[-1]) == 1.0
+    return process.metrics()[f'pythontask_shard_leader{{shard="{shard}"}}'] == 1.0
 
 
 def mentions(process: OperatorProcess, *words: str) -> bool:
