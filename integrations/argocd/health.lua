@@ -1,6 +1,6 @@
 -- Argo CD health of a PythonTask (resource.customizations.health.pythontask.dev_PythonTask):
--- Healthy once it Succeeded, Degraded once it Failed, Progressing otherwise, with the operator's
--- message. A status written for an older spec (observedGeneration) or before the last rerun request
+-- Healthy once it Succeeded, Degraded once it Failed, Suspended while spec.suspend holds it,
+-- Progressing otherwise, with the operator's message. A status written for an older spec (observedGeneration) or before the last rerun request
 -- (the pythontask.dev/rerun annotation) says nothing about this one yet: Progressing.
 local hs = {}
 local status = obj.status
@@ -30,6 +30,8 @@ if status.phase == "Succeeded" then
   hs.status = "Healthy"
 elseif status.phase == "Failed" then
   hs.status = "Degraded"
+elseif status.phase == "Suspended" then
+  hs.status = "Suspended"
 else
   hs.status = "Progressing"
 end

@@ -123,6 +123,17 @@ class Tasks:
             )  # type: ignore[call-arg]
         return result
 
+    async def delete(self, body: dict[str, Any]) -> None:
+        """Deletes this very version of the task: refused (409) if it changed since `body` was read."""
+        meta = body["metadata"]
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=meta["uid"], resource_version=meta["resourceVersion"])
+        )
+        with impersonation.as_operator():
+            await self._custom.delete_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body=options
+            )
+
     async def set_finalizer(self, body: dict[str, Any], finalizer: str, present: bool) -> dict[str, Any]:
         """Adds or removes one finalizer; the resourceVersion precondition keeps others' finalizers safe."""
         meta = body["metadata"]

@@ -1,10 +1,13 @@
 """Which PythonTasks have a runner, fed by watch events. The one place that starts and stops runners.
 
-A task gets a runner when it has no final status for its generation and rerun token. A newer generation
-replaces the runner (the old attempt is killed and confirmed gone first); an older one (a stale event)
-changes nothing. Deletion stops the runner, which kills the script, and only then is the finalizer
-released. Every failure (a runner that raised, a finalization that could not finish) is tried again
-with exponential backoff, until it succeeds or the task reaches a final status.
+A task gets a runner when its run (run_identity: the spec but `suspend` and the TTL, and the rerun
+token) is not at rest. A newer generation asking for another run, or for suspension, replaces the runner
+(the old attempt is killed and confirmed gone first); one asking for the same run (a TTL edit) keeps it,
+and a run at rest only has its observedGeneration brought up to date; an older one (a stale event)
+changes nothing. A finished task with `ttlSecondsAfterFinished` is deleted when it expires (expiry.py).
+Deletion stops the runner, which kills the script, and only then is the finalizer released. Every
+failure (a runner that raised, a finalization that could not finish) is tried again with exponential
+backoff, until it succeeds or the task reaches a final status.
 
 With several replicas, a task belongs to one shard (leases.shard_of) and only the replica leading that
 shard runs it; the others keep its latest body parked, ready for the moment they take the shard over. Work
@@ -19,18 +22,22 @@ whether a script is killed (deleted, spec changed) or left running to be followe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import fencing, impersonation, metrics
+from . import fencing, impersonation, metrics, run_identity
 from . import status as st
 from .exec_client import ExecTarget
+from .expiry import Expiry, expires_at
 from .impersonation import Identity
-from .kube import brief, is_not_found
+from .kube import brief, is_conflict, is_not_found
 from .leases import shard_of
+from .run_identity import rerun_token
 from .runner import (
     FINALIZER,
     Context,
@@ -39,7 +46,6 @@ from .runner import (
     TaskRunner,
     ensure_stopped,
     python_of,
-    rerun_token,
     task_dir,
 )
 from .state_codec import UnreadableStatus, record_from_status
@@ -78,6 +84,7 @@ class Alone:
 class Running:
     generation: int
     token: str
+    run_hash: str
     shard: int
     runner: TaskRunner
     task: asyncio.Task[None]
@@ -97,7 +104,7 @@ def _needs_work(body: dict[str, Any]) -> bool:
     meta = body["metadata"]
     if meta.get("deletionTimestamp") or FINALIZER in (meta.get("finalizers") or []):
         return True
-    return not st.is_done_for(body.get("status") or {}, *_key(body)) or _disposable_pod(body)
+    return not run_identity.at_rest(body.get("status") or {}, body) or _disposable_pod(body)
 
 
 def _key(body: dict[str, Any]) -> tuple[int, str]:
@@ -121,6 +128,8 @@ class Registry:
         self._closing = False
         self._rereads = asyncio.Semaphore(REREADS_AT_ONCE)
         self._phases: dict[str, str] = {}  # every task seen, led here or not: for the metrics
+        self.expiry = Expiry(lambda body: self._spawn(self._expire(body), body))
+        self._expiring: asyncio.Task[None] | None = None
 
     def phases(self) -> list[str]:
         """The phase of every task this replica sees (Pending for one nobody has written yet)."""
@@ -137,6 +146,8 @@ class Registry:
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         uid = meta["uid"]
+        if event_type == "DELETED" or not self.ownership.leads(self.shard(body)):
+            self.expiry.forget(uid)  # tracked by the shard's leader only
         if event_type == "DELETED":
             self._phases.pop(uid, None)
         else:
@@ -170,7 +181,11 @@ class Registry:
         if running and key[0] < running.generation:
             return  # a stale event or read: a newer generation already runs
         finished_here = self.completed.get(uid) == key
-        if st.is_done_for(body.get("status") or {}, *key) or finished_here:
+        status = body.get("status") or {}
+        if run_identity.at_rest(status, body) or finished_here:
+            if running is None and run_identity.needs_adopting(status, body):
+                self._spawn(self._adopt(body), body)
+            self._track_expiry(body)
             if uid not in self.completed and _disposable_pod(body):
                 # First sight since start: an operator stopped between the final status and the pod's
                 # deletion left the template pod behind.
@@ -183,6 +198,14 @@ class Registry:
                 self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False), body)
             return
         if running and (running.generation, running.token) == key:
+            return
+        if (
+            running
+            and running.token == key[1]
+            and running.run_hash == run_identity.run_hash(body.get("spec") or {})
+            and not run_identity.suspended(body)
+        ):
+            running.generation = key[0]  # the same run (a TTL edit): it goes on, and writes this generation
             return
         if running:
             log.info(
@@ -204,7 +227,8 @@ class Registry:
                 await runner.run()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
-        self.running[uid] = Running(generation, token, shard, runner, task, previous)
+        run_hash = run_identity.run_hash(body.get("spec") or {})
+        self.running[uid] = Running(generation, token, run_hash, shard, runner, task, previous)
         task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t, runner))
 
     def _runner_done(
@@ -346,6 +370,62 @@ class Registry:
         if self.ownership.leads(self.shard(body)) and meta["uid"] not in self.running and not self._closing:
             self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 0.0), body)
 
+    def _track_expiry(self, body: dict[str, Any]) -> None:
+        self.expiry.track(body)
+        if self.expiry.due and self._expiring is None:
+            self._expiring = asyncio.get_running_loop().create_task(self.expiry.run(), name="ttl-expiry")
+
+    async def _adopt(self, body: dict[str, Any]) -> None:
+        """The run at rest is the one this generation asks for (only `suspend` or the TTL changed): its
+        status now says it observed this generation. Fenced by resourceVersion; a conflict means a newer
+        event is on its way, which decides again."""
+        meta, status = body["metadata"], body.get("status") or {}
+        generation = meta.get("generation", 1)
+        conditions = [{**c, "observedGeneration": generation} for c in status.get("conditions") or []]
+        try:
+            await self.ctx.tasks.patch_status(
+                meta["namespace"],
+                meta["name"],
+                {"observedGeneration": generation, "conditions": conditions},
+                resource_version=meta["resourceVersion"],
+            )
+        except ApiException as e:
+            if not (is_conflict(e) or is_not_found(e)):
+                raise
+
+    async def _expire(self, body: dict[str, Any]) -> None:
+        """Deletes a task whose TTL ran out, if it still has (a fresh read: a rerun or an edit since wins)."""
+        meta = body["metadata"]
+        try:
+            fresh = await self.ctx.tasks.get(meta["namespace"], meta["name"])
+            if fresh["metadata"]["uid"] != meta["uid"]:
+                return
+            when = expires_at(fresh)
+            if when is None or when > time.time():
+                self._track_expiry(fresh)
+                return
+            await self.ctx.tasks.delete(fresh)
+        except ApiException as e:
+            if is_not_found(e):
+                return
+            if is_conflict(e):  # changed meanwhile: decided again on its newest version
+                self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 0.0), body)
+                return
+            log.warning(
+                "could not delete an expired task",
+                task=meta["name"],
+                namespace=meta["namespace"],
+                error=brief(e),
+            )
+            self._spawn(self._look_again(meta["namespace"], meta["name"], meta["uid"], 30.0), body)
+            return
+        log.info(
+            "task deleted: ttlSecondsAfterFinished ran out",
+            task=meta["name"],
+            namespace=meta["namespace"],
+            ttl=(fresh.get("spec") or {}).get("ttlSecondsAfterFinished"),
+        )
+
     def _spawn(self, coro: Coroutine[Any, Any, Any], body: dict[str, Any]) -> None:
         """Background work for one task, behind its shard's fence, acting as its ServiceAccount."""
         shard = self.shard(body)
@@ -400,6 +480,8 @@ class Registry:
     async def close(self) -> None:
         """Operator shutdown: stop following, but leave the scripts running (followed after restart)."""
         self._closing = True
+        if self._expiring is not None:
+            self._expiring.cancel()
         for running in list(self.running.values()):
             running.stop(StopReason.SHUTDOWN)
         for task in list(self._background):

@@ -30,7 +30,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import attempt_fate, exec_wire, fencing, impersonation, machine, metrics
+from . import attempt_fate, exec_wire, fencing, impersonation, machine, metrics, run_identity
 from . import status as st
 from .access import EXEC_RIGHT, Access, grant_hint, needed
 from .agent_ops import agent_call
@@ -47,12 +47,12 @@ from .janitor import Janitor
 from .kube import Tasks, brief, is_conflict, is_not_found
 from .pod_cache import NamespacePods, PodCache
 from .pods import Pods, is_ready, pick_container, pod_facts
+from .run_identity import RERUN_ANNOTATION, rerun_token
 from .slots import NamespaceSlots
 from .spec import PythonTaskSpec
 from .state_codec import UnreadableStatus, attempt_id, record_from_status, state_from_status, status_of
 
 FINALIZER = "pythontask.dev/finalizer"
-RERUN_ANNOTATION = "pythontask.dev/rerun"
 # Test-only fault injection (named in docs/design.md): exit hard right after an attempt is recorded,
 # before its exec starts, to prove that crash point.
 CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
@@ -114,10 +114,6 @@ class Superseded(Exception):
     """The task changed under this runner (a newer generation, another writer): stop, look again."""
 
 
-def rerun_token(body: dict[str, Any]) -> str:
-    return str((body["metadata"].get("annotations") or {}).get(RERUN_ANNOTATION, ""))
-
-
 def task_dir(settings: Settings, body: dict[str, Any]) -> str:
     return f"{settings.state_dir}/{body['metadata']['uid']}"
 
@@ -133,11 +129,13 @@ def python_of(body: dict[str, Any]) -> list[str]:
 
 
 def _fence_key(body: dict[str, Any]) -> tuple[Any, ...]:
-    """What must not have changed for this runner's next status write to be still its own."""
+    """What must not have changed for this runner's next status write to be still its own: the run it
+    works for (not the generation: a TTL edit keeps the run), and the status it last wrote."""
     status = body.get("status") or {}
     current = status.get("currentAttempt") or {}
     return (
-        body["metadata"].get("generation"),
+        run_identity.run_hash(body.get("spec") or {}),
+        run_identity.suspended(body),
         rerun_token(body),
         status.get("observedGeneration"),
         status.get("rerunToken"),
@@ -247,6 +245,9 @@ class TaskRunner:
                 delay *= 2
 
     async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
+        if spec.suspend:
+            await self._suspend()
+            return
         if not self._prior_status().get("currentAttempt"):
             # Before anything is touched: may the task's ServiceAccount do all this task needs?
             identity = Identity.of(self.body)
@@ -286,13 +287,26 @@ class TaskRunner:
                 self.state = state
             await self._write_final(spec, state)
 
+    async def _suspend(self) -> None:
+        """spec.suspend: nothing runs. An attempt still on record (of the run this one replaced, stopped
+        on the way here, or left by a crash) is made sure gone first; then Suspended, at rest."""
+        message = "Suspended (spec.suspend is true): nothing runs. Set it to false to run the task afresh."
+        stale = (self.body.get("status") or {}).get("currentAttempt")
+        if stale:
+            record = record_from_status(stale)
+            await ensure_stopped(self.ctx, self.body, record, str(StopReason.SPEC_CHANGED))
+            message += f" Attempt {record.number} was stopped."
+        await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, machine.TaskState(), output=None)
+        self.log.info("task suspended")
+        await self.ctx.events.normal(self.body, str(st.Reason.SUSPENDED), message, final=True)
+        self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
+
     def _prior_status(self) -> dict[str, Any]:
+        """Status, if it speaks of this run (a suspended one resumes afresh), else nothing."""
         status: dict[str, Any] = self.body.get("status") or {}
-        same_run = (
-            status.get("observedGeneration") == self.generation
-            and (status.get("rerunToken") or "") == self.token
-        )
-        return status if same_run else {}
+        if status.get("phase") == st.Phase.SUSPENDED or not run_identity.same_run(status, self.body):
+            return {}
+        return status
 
     @staticmethod
     def _total_deadline(policy: machine.Policy, state: machine.TaskState) -> float | None:
@@ -821,13 +835,16 @@ class TaskRunner:
         """One status write, fenced: refused if the task changed since this runner last saw it. A change
         that is not a status write (a label, an annotation) is re-read and the write tried again."""
         for _ in range(FENCE_RETRIES):
+            # The generation of the body written against: the same run throughout (the fence), perhaps
+            # a newer generation than this runner started with (a TTL edit).
             patch = st.phase_patch(
                 phase,
                 reason,
                 message,
-                generation=self.generation,
+                generation=run_identity.generation(self.body),
                 rerun_token=self.token,
                 previous=self.body.get("status") or {},
+                runHash=run_identity.run_hash(self.body.get("spec") or {}),
                 **{**status_of(state), **fields},
             )
             try:

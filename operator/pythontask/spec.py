@@ -248,6 +248,8 @@ class PythonTaskSpec(Model):
     retry: Retry = Field(default_factory=Retry)
     on_hang: Literal["Retry", "RestartPod", "Fail"] | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    suspend: bool = False  # nothing runs while true; false again starts afresh (a run that ended stays)
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)  # then the task is deleted
 
     def policy(self) -> machine.Policy:
         codes = self.retry.on_exit_codes

@@ -19,6 +19,7 @@ class Phase(StrEnum):
     RETRYING = "Retrying"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    SUSPENDED = "Suspended"  # spec.suspend: nothing runs; at rest while it stays set
 
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
@@ -54,6 +55,7 @@ class Reason(StrEnum):
     OUTPUT_LIMIT_EXCEEDED = "OutputLimitExceeded"
     FORBIDDEN = "Forbidden"
     INVALID_STATUS = "InvalidStatus"
+    SUSPENDED = "Suspended"
 
 
 SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM"}
@@ -160,7 +162,7 @@ def conditions(
     }
     out = [
         _condition("Ready", phase is Phase.SUCCEEDED, **common),
-        _condition("Reconciling", phase not in TERMINAL, **common),
+        _condition("Reconciling", phase not in TERMINAL and phase is not Phase.SUSPENDED, **common),
         _condition("Stalled", phase is Phase.FAILED, **common),
     ]
     if phase is Phase.SUCCEEDED:
@@ -168,17 +170,6 @@ def conditions(
     if phase is Phase.FAILED:
         out.append(_condition("Failed", True, **common))
     return out
-
-
-def is_done_for(status: Mapping[str, Any], generation: int, rerun_token: str) -> bool:
-    """True when the status already holds a final result for this generation and rerun request."""
-    phase = status.get("phase")
-    return (
-        isinstance(phase, str)  # a status the schema would refuse is no result
-        and phase in TERMINAL
-        and status.get("observedGeneration") == generation
-        and (status.get("rerunToken") or "") == rerun_token
-    )
 
 
 def phase_patch(

@@ -51,9 +51,9 @@ def test_argocd_and_kstatus_read_every_status_the_operator_wrote(kstatus: Path) 
     assert seen, "no test read a task status"
     wrong = []
     for (phase, reason), task in sorted(seen.items()):
-        at_rest = phase in ("Succeeded", "Failed")
-        health_at_rest = {"Succeeded": "Healthy", "Failed": "Degraded"}
-        kstatus_at_rest = {"Succeeded": "Current", "Failed": "Failed"}
+        at_rest = phase in ("Succeeded", "Failed", "Suspended")
+        health_at_rest = {"Succeeded": "Healthy", "Failed": "Degraded", "Suspended": "Suspended"}
+        kstatus_at_rest = {"Succeeded": "Current", "Failed": "Failed", "Suspended": "Current"}
         want_health = health_at_rest[phase] if at_rest and up_to_date(task) else "Progressing"
         want_kstatus = kstatus_at_rest[phase] if at_rest and of_this_spec(task) else "InProgress"
         got_health, message = health(task)

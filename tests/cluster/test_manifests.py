@@ -108,6 +108,7 @@ def can(
     [
         ("watch", "pythontasks.pythontask.dev", ""),
         ("patch", "pythontasks.pythontask.dev", ""),
+        ("delete", "pythontasks.pythontask.dev", ""),  # ttlSecondsAfterFinished
         ("patch", "pythontasks.pythontask.dev", "status"),
         ("create", "events", ""),
     ],

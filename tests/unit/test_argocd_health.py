@@ -24,7 +24,7 @@ FINAL = {
     **{
         r: st.Phase.FAILED
         for r in st.Reason
-        if r not in (st.Reason.COMPLETED, st.Reason.WAITING_FOR_POD, st.Reason.QUEUED)
+        if r not in (st.Reason.COMPLETED, st.Reason.WAITING_FOR_POD, st.Reason.QUEUED, st.Reason.SUSPENDED)
     },
 }
 
@@ -38,6 +38,11 @@ def test_every_final_reason(reason: st.Reason, phase: st.Phase) -> None:
 @pytest.mark.parametrize("phase", [st.Phase.PENDING, st.Phase.RUNNING, st.Phase.RETRYING])
 def test_work_in_progress(phase: st.Phase) -> None:
     assert health(task(phase, "WaitingForPod", "no Ready pod yet"))[0] == "Progressing"
+
+
+def test_a_suspended_task_is_suspended() -> None:
+    message = "Suspended (spec.suspend is true): nothing runs."
+    assert health(task(st.Phase.SUSPENDED, "Suspended", message)) == ("Suspended", f"Suspended: {message}")
 
 
 def test_new_stale_and_rerun_tasks_are_progressing() -> None:

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as s
 from pydantic import ValidationError
 
-from pythontask import machine
-from pythontask import status as st
+from pythontask import machine, run_identity
 from pythontask.access import needed
+from pythontask.expiry import expires_at
 from pythontask.pods import template_pod_manifest
 from pythontask.spec import PythonTaskSpec
 from pythontask.state_codec import UnreadableStatus, record_from_status, state_from_status
@@ -86,7 +86,14 @@ def test_any_status_is_read_or_called_unreadable(status: Any) -> None:
     except UnreadableStatus:
         return
     assert isinstance(state, machine.TaskState)
-    st.is_done_for(status, 1, "")
+    body = {
+        "metadata": {"generation": 1, "uid": "u"},
+        "spec": {"ttlSecondsAfterFinished": 5},
+        "status": status,
+    }
+    run_identity.at_rest(status, body)
+    run_identity.needs_adopting(status, body)
+    expires_at(body)
     current = status.get("currentAttempt")
     if current:
         record_from_status(current)

@@ -14,6 +14,7 @@ from pythontask import fencing
 from pythontask import registry as registry_module
 from pythontask.leases import shard_of
 from pythontask.registry import BACKOFF_MAX_SECONDS, Registry
+from pythontask.run_identity import run_hash
 from pythontask.runner import FINALIZER
 from support.waiting import eventually
 
@@ -27,21 +28,29 @@ class Recording(Registry):
 
     def _start(self, body: dict[str, Any], previous: Any) -> None:
         self.started.append((body["metadata"]["generation"], "replaces" if previous else "new"))
-        self.running[body["metadata"]["uid"]] = Stub(body["metadata"]["generation"])  # type: ignore[assignment]
+        stub = Stub(body["metadata"]["generation"], run_hash(body["spec"]))
+        self.running[body["metadata"]["uid"]] = stub  # type: ignore[assignment]
 
 
 class Stub:
-    def __init__(self, generation: int) -> None:
-        self.generation, self.token, self.task, self.stopped = generation, "", object(), ""
+    def __init__(self, generation: int, run: str) -> None:
+        self.generation, self.token, self.run_hash, self.task, self.stopped = (
+            generation,
+            "",
+            run,
+            object(),
+            "",
+        )
         self.previous = None
 
     def stop(self, reason: Any) -> None:
         self.stopped = str(reason)
 
 
-def task(generation: int, **status: Any) -> dict[str, Any]:
+def task(generation: int, spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    """Generation n of a task; unless told otherwise, each generation's spec differs (an edit)."""
     meta = {"uid": "u1", "name": "t", "namespace": "ns", "generation": generation, "finalizers": []}
-    return {"metadata": meta, "spec": {}, "status": status}
+    return {"metadata": meta, "spec": {"args": [str(generation)]} if spec is None else spec, "status": status}
 
 
 def test_a_newer_generation_replaces_the_runner_and_a_stale_event_does_not() -> None:
@@ -50,6 +59,16 @@ def test_a_newer_generation_replaces_the_runner_and_a_stale_event_does_not() -> 
     registry.observe("MODIFIED", task(2))
     registry.observe("MODIFIED", task(1))  # a stale read or event arriving late
     assert registry.started == [(1, "new"), (2, "replaces")]
+
+
+def test_an_edit_of_only_the_ttl_keeps_the_runner_and_suspending_replaces_it() -> None:
+    registry = Recording()
+    registry.observe("ADDED", task(1, {"args": ["a"]}))
+    registry.observe("MODIFIED", task(2, {"args": ["a"], "ttlSecondsAfterFinished": 60}))
+    assert registry.started == [(1, "new")]
+    assert registry.running["u1"].generation == 2  # it writes the newer generation
+    registry.observe("MODIFIED", task(3, {"args": ["a"], "ttlSecondsAfterFinished": 60, "suspend": True}))
+    assert registry.started == [(1, "new"), (3, "replaces")]
 
 
 def test_a_finished_generation_is_not_started_again() -> None:

@@ -44,15 +44,6 @@ def test_last_transition_time_moves_only_when_status_flips() -> None:
     assert by_type["Reconciling"]["lastTransitionTime"] == "T2"  # True -> False
 
 
-def test_done_only_for_the_same_generation_and_rerun_token() -> None:
-    status = {"phase": "Succeeded", "observedGeneration": 2, "rerunToken": "a"}
-    assert st.is_done_for(status, 2, "a")
-    assert not st.is_done_for(status, 3, "a")  # spec changed
-    assert not st.is_done_for(status, 2, "b")  # rerun requested
-    assert not st.is_done_for({**status, "phase": "Running"}, 2, "a")
-    assert not st.is_done_for({}, 1, "")
-
-
 def test_final_patch_clears_the_current_attempt_and_sets_completion() -> None:
     patch = st.phase_patch(
         st.Phase.FAILED, "NonZeroExitCode", "m", generation=1, rerun_token="", previous={}, at="T", exitCode=3

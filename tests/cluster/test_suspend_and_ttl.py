@@ -1,0 +1,143 @@
+"""spec.suspend and spec.ttlSecondsAfterFinished, on the local cluster. Editing only these two keeps the
+run: its result, or its script in flight. Suspending a running task kills the script; resuming runs the
+task afresh (a new run, asked for); a task that already ended keeps its result whatever suspend says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from support import procs
+from support.pods import ready_pod
+from support.tasks import TaskClient
+from support.waiting import eventually
+
+
+def counted(tmp: Path) -> str:
+    """Appends a line per run to tmp/runs and its pid to tmp/pids, then waits for tmp/release."""
+    return (
+        "import os, pathlib, time\n"
+        f"tmp = pathlib.Path({str(tmp)!r})\n"
+        "with open(tmp / 'runs', 'a') as f: f.write('run\\n')\n"
+        "with open(tmp / 'pids', 'a') as f: f.write(f'{os.getpid()}\\n')\n"
+        "while not (tmp / 'release').exists(): time.sleep(0.05)\n"
+        "print('done')\n"
+    )
+
+
+def runs(tmp: Path) -> int:
+    path = tmp / "runs"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+async def _started(tmp: Path, n: int) -> bool:
+    return runs(tmp) >= n
+
+
+def spec(tmp: Path, **extra: Any) -> dict[str, Any]:
+    return {"target": {"podName": "worker"}, "script": {"inline": counted(tmp)}, **extra}
+
+
+async def test_created_suspended_it_never_runs_until_resumed_then_runs_once(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("later", spec(tmp_path, suspend=True))
+    status = await tasks.wait_status("later", phases=("Suspended",))
+    assert status["reason"] == "Suspended"
+    assert "set it to false" in status["message"].lower()
+    assert runs(tmp_path) == 0
+    assert not (await tasks.get("later"))["metadata"].get("finalizers")  # nothing to clean up
+    (tmp_path / "release").touch()
+    await tasks.patch("later", {"spec": {"suspend": False}})
+    status = await tasks.wait_status("later")
+    assert (status["phase"], status["attempts"], status["observedGeneration"]) == ("Succeeded", 1, 2)
+    assert runs(tmp_path) == 1
+
+
+async def test_suspending_a_running_task_kills_its_script_and_resuming_runs_it_afresh(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("paused", spec(tmp_path))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    [pid] = procs.pids_in(tmp_path / "pids")
+    await tasks.patch("paused", {"spec": {"suspend": True}})
+    status = await tasks.wait_status("paused", phases=("Suspended",))
+    assert "Attempt 1 was stopped" in status["message"], status["message"]
+    assert "currentAttempt" not in status
+    assert procs.gone(pid), procs.state(pid)  # killed and confirmed before Suspended was written
+    await tasks.patch("paused", {"spec": {"suspend": False}})
+    await eventually(lambda: _started(tmp_path, 2), within=30, what="the run to start afresh")
+    (tmp_path / "release").touch()
+    status = await tasks.wait_status("paused")
+    assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "done\n")
+    assert runs(tmp_path) == 2  # the suspended run and the one resuming asked for, nothing else
+
+
+async def test_a_finished_task_keeps_its_result_through_suspend_and_ttl_edits(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    (tmp_path / "release").touch()
+    first = await tasks.run("kept", spec(tmp_path))
+    assert first["phase"] == "Succeeded"
+    for generation, edit in (
+        (2, {"suspend": True}),
+        (3, {"suspend": False}),
+        (4, {"ttlSecondsAfterFinished": 3600}),
+    ):
+        await tasks.patch("kept", {"spec": edit})
+
+        async def observed(g: int = generation) -> dict[str, Any] | None:
+            status = (await tasks.get("kept")).get("status") or {}
+            return status if status.get("observedGeneration") == g else None
+
+        status = await eventually(observed, within=30, what=f"generation {generation} observed")
+        assert (status["phase"], status["completionTime"]) == ("Succeeded", first["completionTime"]), edit
+        assert {c["observedGeneration"] for c in status["conditions"]} == {generation}
+    assert runs(tmp_path) == 1
+
+
+async def test_a_ttl_set_while_the_script_runs_does_not_restart_it(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("ttl-late", spec(tmp_path))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    await tasks.patch("ttl-late", {"spec": {"ttlSecondsAfterFinished": 3600}})
+    (tmp_path / "release").touch()
+    status = await tasks.wait_status("ttl-late")
+    assert (status["phase"], status["attempts"], status["observedGeneration"]) == ("Succeeded", 1, 2)
+    assert runs(tmp_path) == 1
+
+
+async def test_a_finished_task_is_deleted_once_its_ttl_runs_out_with_its_files(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    (tmp_path / "release").touch()
+    created = await tasks.create("short", spec(tmp_path, ttlSecondsAfterFinished=2))
+    await tasks.create("long", spec(tmp_path, ttlSecondsAfterFinished=3600))
+    finished = await tasks.wait_status("short")
+    assert finished["phase"] == "Succeeded"
+
+    async def gone() -> bool:
+        try:
+            await tasks.get("short")
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    await eventually(gone, within=30, what="the task deleted after its TTL")
+    task_dir = Path("/tmp/pythontask") / created["metadata"]["uid"]  # kwok: the container is this machine
+    await eventually(lambda: _absent(task_dir), within=30, what="its files removed from the container")
+    assert (await tasks.wait_status("long"))["phase"] == "Succeeded"  # not expired: still there
+
+
+async def _absent(path: Path) -> bool:
+    return not os.path.exists(path)
