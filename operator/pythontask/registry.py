@@ -85,6 +85,7 @@ class Running:
     generation: int
     token: str
     run_hash: str
+    suspended: bool
     shard: int
     runner: TaskRunner
     task: asyncio.Task[None]
@@ -104,7 +105,8 @@ def _needs_work(body: dict[str, Any]) -> bool:
     meta = body["metadata"]
     if meta.get("deletionTimestamp") or FINALIZER in (meta.get("finalizers") or []):
         return True
-    return not run_identity.at_rest(body.get("status") or {}, body) or _disposable_pod(body)
+    at_rest = run_identity.at_rest(body.get("status") or {}, body)
+    return not at_rest or _disposable_pod(body) or expires_at(body) is not None
 
 
 def _key(body: dict[str, Any]) -> tuple[int, str]:
@@ -183,7 +185,9 @@ class Registry:
         finished_here = self.completed.get(uid) == key
         status = body.get("status") or {}
         if run_identity.at_rest(status, body) or finished_here:
-            if running is None and run_identity.needs_adopting(status, body):
+            if running is None and (
+                run_identity.needs_adopting(status, body) or run_identity.needs_backfill(status, body)
+            ):
                 self._spawn(self._adopt(body), body)
             self._track_expiry(body)
             if uid not in self.completed and _disposable_pod(body):
@@ -203,7 +207,7 @@ class Registry:
             running
             and running.token == key[1]
             and running.run_hash == run_identity.run_hash(body.get("spec") or {})
-            and not run_identity.suspended(body)
+            and running.suspended == run_identity.suspended(body)
         ):
             running.generation = key[0]  # the same run (a TTL edit): it goes on, and writes this generation
             return
@@ -227,8 +231,8 @@ class Registry:
                 await runner.run()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"pythontask/{uid}")
-        run_hash = run_identity.run_hash(body.get("spec") or {})
-        self.running[uid] = Running(generation, token, run_hash, shard, runner, task, previous)
+        run_hash, suspended = run_identity.run_hash(body.get("spec") or {}), run_identity.suspended(body)
+        self.running[uid] = Running(generation, token, run_hash, suspended, shard, runner, task, previous)
         task.add_done_callback(lambda t: self._runner_done(uid, body, (generation, token), t, runner))
 
     def _runner_done(
@@ -261,6 +265,11 @@ class Registry:
         if error is None:
             self.completed[uid] = key
             self.failures.pop(uid, None)
+            if running is not None and running.generation > key[0] and not self._closing:
+                # A TTL edit reached it while it ran: its writes named the generation it started with,
+                # and no event may follow its last one. Read once more, so that the result is adopted.
+                meta = body["metadata"]
+                self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
             return
         self.failures[uid] = self.failures.get(uid, 0) + 1
         if not isinstance(error, Superseded):  # the fence doing its job: looked at again, no error
@@ -377,16 +386,22 @@ class Registry:
 
     async def _adopt(self, body: dict[str, Any]) -> None:
         """The run at rest is the one this generation asks for (only `suspend` or the TTL changed): its
-        status now says it observed this generation. Fenced by resourceVersion; a conflict means a newer
-        event is on its way, which decides again."""
+        status now says it observed this generation, and the run's hash (a result written before hashes
+        were recorded gets it). Fenced by resourceVersion; a conflict means a newer event is on its way,
+        which decides again."""
         meta, status = body["metadata"], body.get("status") or {}
         generation = meta.get("generation", 1)
         conditions = [{**c, "observedGeneration": generation} for c in status.get("conditions") or []]
+        patch = {
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "runHash": run_identity.run_hash(body.get("spec") or {}),
+        }
         try:
             await self.ctx.tasks.patch_status(
                 meta["namespace"],
                 meta["name"],
-                {"observedGeneration": generation, "conditions": conditions},
+                patch,
                 resource_version=meta["resourceVersion"],
             )
         except ApiException as e:
@@ -405,6 +420,9 @@ class Registry:
                 self._track_expiry(fresh)
                 return
             await self.ctx.tasks.delete(fresh)
+            # Its finalizer went with its result: the task's directory in the container (tombstones, any
+            # retained output) is removed here instead.
+            self._purge(fresh)
         except ApiException as e:
             if is_not_found(e):
                 return

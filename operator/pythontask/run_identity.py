@@ -37,13 +37,16 @@ def suspended(body: Mapping[str, Any]) -> bool:
 
 def same_run(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
     """Whether `status` speaks of the run `body` asks for: the same rerun request, and the generation it
-    observed is this one or recorded the same run hash (a status without one: the generation only)."""
+    observed is this one, or it is at rest (ended, or Suspended) with the same run hash. An attempt in
+    flight never carries over to another generation: a generation in between may have suspended the
+    task and killed it, unrecorded if its runner stopped before writing (the next run starts afresh)."""
     if (status.get("rerunToken") or "") != rerun_token(body):
         return False
     if status.get("observedGeneration") == generation(body):
         return True
     recorded = status.get("runHash")
-    return isinstance(recorded, str) and recorded == run_hash(body.get("spec") or {})
+    resting = status.get("phase") in (*st.TERMINAL, st.Phase.SUSPENDED)
+    return resting and isinstance(recorded, str) and recorded == run_hash(body.get("spec") or {})
 
 
 def at_rest(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
@@ -61,3 +64,11 @@ def needs_adopting(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
     """At rest for this run, but written for an older generation (only `suspend` or the TTL changed):
     its observedGeneration is brought up to date, nothing is run."""
     return at_rest(status, body) and status.get("observedGeneration") != generation(body)
+
+
+def needs_backfill(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """A result written before run hashes were recorded, for this very generation: its hash is this
+    spec's, and recording it now lets a later `suspend` or TTL edit keep the result."""
+    if "runHash" in status or status.get("observedGeneration") != generation(body):
+        return False
+    return at_rest(status, body)

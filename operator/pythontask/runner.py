@@ -154,6 +154,10 @@ class TaskRunner:
         self.name: str = meta["name"]
         self.generation: int = meta.get("generation", 1)
         self.token = rerun_token(body)
+        # The run this runner works for, fixed now: a body read later (a newer generation) must ask for
+        # the very same run, or this runner's results would be recorded against another spec.
+        self.run_hash = run_identity.run_hash(body.get("spec") or {})
+        self.suspend = run_identity.suspended(body)
         self.log = log.bind(task=self.name, namespace=self.namespace, generation=self.generation)
         self.state = machine.TaskState()  # as last written to status
         self.stop_reason: StopReason | None = None
@@ -246,7 +250,7 @@ class TaskRunner:
 
     async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
         if spec.suspend:
-            await self._suspend()
+            await self._suspend(spec)
             return
         if not self._prior_status().get("currentAttempt"):
             # Before anything is touched: may the task's ServiceAccount do all this task needs?
@@ -257,7 +261,7 @@ class TaskRunner:
         # The namespace's pods stay cached (one watch) while this task is active.
         async with self.ctx.pod_cache.using(self.namespace) as view:
             self.view = view
-            self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True)
+            self.body = self._same_run(await self.ctx.tasks.set_finalizer(self.body, FINALIZER, True))
             self._fence = _fence_key(self.body)
             prior = self._prior_status()
             stale = (self.body.get("status") or {}).get("currentAttempt")
@@ -287,19 +291,35 @@ class TaskRunner:
                 self.state = state
             await self._write_final(spec, state)
 
-    async def _suspend(self) -> None:
+    async def _suspend(self, spec: PythonTaskSpec) -> None:
         """spec.suspend: nothing runs. An attempt still on record (of the run this one replaced, stopped
         on the way here, or left by a crash) is made sure gone first; then Suspended, at rest."""
         message = "Suspended (spec.suspend is true): nothing runs. Set it to false to run the task afresh."
         stale = (self.body.get("status") or {}).get("currentAttempt")
         if stale:
             record = record_from_status(stale)
+            # Kept on record until confirmed gone: a refusal (Forbidden) on the way fails the task with it.
+            self.state = replace(self.state, current=record)
             await ensure_stopped(self.ctx, self.body, record, str(StopReason.SPEC_CHANGED))
             message += f" Attempt {record.number} was stopped."
-        await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, machine.TaskState(), output=None)
+        self.state = machine.TaskState()
+        await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, self.state, output=None)
         self.log.info("task suspended")
         await self.ctx.events.normal(self.body, str(st.Reason.SUSPENDED), message, final=True)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
+        if spec.target.template is not None and not spec.target.keep_pod:
+            await self.ctx.pods.delete_template_pods(self.body)  # as a suspended Job's pods go
+
+    def _same_run(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body`, if it still asks for this runner's run; Superseded otherwise (the newer generation's
+        runner takes over once this one has stopped)."""
+        if (
+            run_identity.run_hash(body.get("spec") or {}) != self.run_hash
+            or run_identity.suspended(body) != self.suspend
+            or rerun_token(body) != self.token
+        ):
+            raise Superseded("the task asks for another run now")
+        return body
 
     def _prior_status(self) -> dict[str, Any]:
         """Status, if it speaks of this run (a suspended one resumes afresh), else nothing."""
@@ -835,8 +855,9 @@ class TaskRunner:
         """One status write, fenced: refused if the task changed since this runner last saw it. A change
         that is not a status write (a label, an annotation) is re-read and the write tried again."""
         for _ in range(FENCE_RETRIES):
-            # The generation of the body written against: the same run throughout (the fence), perhaps
-            # a newer generation than this runner started with (a TTL edit).
+            # The generation of the body written against: the same run throughout (checked), perhaps a
+            # newer generation than this runner started with (a TTL edit).
+            self._same_run(self.body)
             patch = st.phase_patch(
                 phase,
                 reason,
@@ -844,7 +865,7 @@ class TaskRunner:
                 generation=run_identity.generation(self.body),
                 rerun_token=self.token,
                 previous=self.body.get("status") or {},
-                runHash=run_identity.run_hash(self.body.get("spec") or {}),
+                runHash=self.run_hash,
                 **{**status_of(state), **fields},
             )
             try:

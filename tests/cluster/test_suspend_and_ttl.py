@@ -141,3 +141,52 @@ async def test_a_finished_task_is_deleted_once_its_ttl_runs_out_with_its_files(
 
 async def _absent(path: Path) -> bool:
     return not os.path.exists(path)
+
+
+async def test_suspended_and_resumed_at_once_runs_afresh_exactly_once_more(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    # Resumed before (or right after) the suspending runner wrote anything: the attempt it killed is no
+    # state to resume from, and the resumed run is not lost behind the finishing suspender.
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("flip", spec(tmp_path))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    await tasks.patch("flip", {"spec": {"suspend": True}})
+    await tasks.patch("flip", {"spec": {"suspend": False}})
+    await eventually(lambda: _started(tmp_path, 2), within=60, what="the run to start afresh")
+    (tmp_path / "release").touch()
+    status = await tasks.wait_status("flip")
+    assert (status["phase"], status["attempts"], status["observedGeneration"]) == ("Succeeded", 1, 3), status
+    assert runs(tmp_path) == 2
+
+
+async def test_a_result_recorded_without_a_run_hash_survives_a_ttl_edit(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    # As an operator version before run hashes would have left it: the hash is recorded on first sight.
+    await ready_pod(core, tasks.namespace)
+    (tmp_path / "release").touch()
+    first = await tasks.run("upgraded", spec(tmp_path))
+    await tasks.custom.patch_namespaced_custom_object_status(
+        "pythontask.dev",
+        "v1alpha1",
+        tasks.namespace,
+        "pythontasks",
+        "upgraded",
+        {"status": {"runHash": None}},
+        _content_type="application/merge-patch+json",
+    )
+
+    async def hashed() -> bool:
+        return "runHash" in ((await tasks.get("upgraded")).get("status") or {})
+
+    await eventually(hashed, within=30, what="the run hash recorded again")
+    await tasks.patch("upgraded", {"spec": {"ttlSecondsAfterFinished": 3600}})
+
+    async def observed() -> dict[str, Any] | None:
+        status = (await tasks.get("upgraded")).get("status") or {}
+        return status if status.get("observedGeneration") == 2 else None
+
+    status = await eventually(observed, within=30, what="generation 2 observed")
+    assert (status["phase"], status["completionTime"]) == ("Succeeded", first["completionTime"])
+    assert runs(tmp_path) == 1

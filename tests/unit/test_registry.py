@@ -28,19 +28,15 @@ class Recording(Registry):
 
     def _start(self, body: dict[str, Any], previous: Any) -> None:
         self.started.append((body["metadata"]["generation"], "replaces" if previous else "new"))
-        stub = Stub(body["metadata"]["generation"], run_hash(body["spec"]))
+        spec = body["spec"]
+        stub = Stub(body["metadata"]["generation"], run_hash(spec), spec.get("suspend") is True)
         self.running[body["metadata"]["uid"]] = stub  # type: ignore[assignment]
 
 
 class Stub:
-    def __init__(self, generation: int, run: str) -> None:
-        self.generation, self.token, self.run_hash, self.task, self.stopped = (
-            generation,
-            "",
-            run,
-            object(),
-            "",
-        )
+    def __init__(self, generation: int, run: str, suspended: bool = False) -> None:
+        self.generation, self.token, self.run_hash, self.suspended = generation, "", run, suspended
+        self.task, self.stopped = object(), ""
         self.previous = None
 
     def stop(self, reason: Any) -> None:
@@ -51,6 +47,9 @@ def task(generation: int, spec: dict[str, Any] | None = None, **status: Any) -> 
     """Generation n of a task; unless told otherwise, each generation's spec differs (an edit)."""
     meta = {"uid": "u1", "name": "t", "namespace": "ns", "generation": generation, "finalizers": []}
     return {"metadata": meta, "spec": {"args": [str(generation)]} if spec is None else spec, "status": status}
+
+
+DONE = task(1, phase="Succeeded", observedGeneration=1, rerunToken="", runHash=run_hash({"args": ["1"]}))
 
 
 def test_a_newer_generation_replaces_the_runner_and_a_stale_event_does_not() -> None:
@@ -71,9 +70,44 @@ def test_an_edit_of_only_the_ttl_keeps_the_runner_and_suspending_replaces_it() -
     assert registry.started == [(1, "new"), (3, "replaces")]
 
 
+def test_resuming_while_the_suspending_runner_still_runs_replaces_it() -> None:
+    # The suspending runner has written Suspended and is releasing the finalizer when suspend is set
+    # back: that is a new run to start, not the same one going on (else nothing would run it).
+    registry = Recording()
+    registry.observe("ADDED", task(1, {"args": ["a"], "suspend": True}))
+    registry.observe("MODIFIED", task(2, {"args": ["a"], "suspend": False}, phase="Suspended"))
+    assert registry.started == [(1, "new"), (2, "replaces")]
+    assert registry.running["u1"].suspended is False  # type: ignore[attr-defined]
+
+
+def test_a_result_written_without_a_run_hash_gets_its_hash_recorded() -> None:
+    registry = Recording()
+    adopted: list[dict[str, Any]] = []
+    registry._spawn = lambda coro, body: (coro.close(), adopted.append(body))  # type: ignore[method-assign]
+    old = task(3, {"args": ["a"]}, phase="Succeeded", observedGeneration=3, rerunToken="")
+    registry.observe("ADDED", old)
+    assert registry.started == []
+    assert len(adopted) == 1  # the hash of generation 3 is recorded
+
+
+def test_a_finished_task_with_a_ttl_is_parked_for_whoever_takes_its_shard() -> None:
+    registry = Recording()
+    registry.ownership = Shards(set())
+    done = task_in_shard(1, "expiring")
+    done["spec"] = {"ttlSecondsAfterFinished": 60}
+    done["status"] = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "rerunToken": "",
+        "completionTime": "2026-01-01T00:00:00Z",
+    }
+    registry.observe("ADDED", done)
+    assert list(registry.parked) == [done["metadata"]["uid"]]  # its deletion is due to someone
+
+
 def test_a_finished_generation_is_not_started_again() -> None:
     registry = Recording()
-    registry.observe("ADDED", task(1, phase="Succeeded", observedGeneration=1, rerunToken=""))
+    registry.observe("ADDED", DONE)
     assert registry.started == []
 
 
@@ -326,7 +360,7 @@ async def test_a_finalization_refused_by_the_fence_is_taken_up_when_the_shard_co
 
 def test_tasks_by_phase_count_a_status_of_the_wrong_shape_as_pending() -> None:
     registry = Recording()
-    registry.observe("ADDED", task(1, phase="Succeeded", observedGeneration=1, rerunToken=""))
+    registry.observe("ADDED", DONE)
     bad = task(1, phase=["Running"])
     bad["metadata"]["uid"] = "u2"
     registry.observe("ADDED", bad)  # the CRD refuses it; a metric label must not depend on that

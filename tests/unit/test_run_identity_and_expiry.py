@@ -118,3 +118,26 @@ async def test_expiry_starts_deleting_each_due_task_once_and_only_when_due() -> 
     expiry.forget("u2")
     assert expiry.next_in() is None
     runner.cancel()
+
+
+def test_an_attempt_in_flight_never_carries_over_to_another_generation() -> None:
+    # Running at generation 1; generation 2 suspended it but its runner never wrote; generation 3
+    # resumes with the same run hash: the attempt (killed by the suspension) is no state to resume from.
+    running = {
+        "phase": "Running",
+        "observedGeneration": 1,
+        "rerunToken": "",
+        "runHash": ri.run_hash(SPEC),
+        "currentAttempt": {"id": "a1", "number": 1},
+    }
+    assert ri.same_run(running, body(SPEC, generation=1))
+    assert not ri.same_run(running, body({**SPEC, "suspend": False}, generation=3))
+    assert not ri.same_run({**running, "phase": "Retrying"}, body({**SPEC, "ttlSecondsAfterFinished": 5}, 2))
+
+
+def test_a_result_without_a_run_hash_is_backfilled_only_for_its_own_generation() -> None:
+    old = {"phase": "Succeeded", "observedGeneration": 2, "rerunToken": ""}
+    assert ri.needs_backfill(old, body(generation=2))
+    assert not ri.needs_backfill(old, body(generation=3))  # which spec it ran is unknown now
+    assert not ri.needs_backfill({**old, "runHash": ri.run_hash(SPEC)}, body(generation=2))
+    assert not ri.needs_backfill({**old, "phase": "Running"}, body(generation=2))  # its runner writes it
