@@ -80,6 +80,8 @@ class AttemptOutcome:
     accepted: bool = False  # the agent claimed the attempt (its directory exists)
     started: bool = False
     missing: bool = False  # `follow` found no such attempt in the container (it never started there)
+    # The pod's lock (concurrencyPolicy Forbid) was held: nothing was claimed; the tasks holding it.
+    busy: list[str] | None = None
     mask: frozenset[str] = frozenset()  # secret values sent with the run, to mask in everything written
     # Holds the stream that delivered the result: call with True once status has recorded it (the agent
     # then removes the attempt's files, answering True), or False to let go. Idempotent.
@@ -122,6 +124,7 @@ class AttemptRequest:
     working_dir: str | None = None
     inputs: ResolvedInputs | None = None  # needed only to run; following needs nothing
     max_output_bytes: int = 0
+    pod_lock: dict[str, Any] | None = None  # {pod, exclusive, task}: see the agent's podLock
     context_env: dict[str, str] = field(default_factory=dict)  # PYTHONTASK_*: who and which attempt
 
     def agent_request(self, op: str) -> dict[str, Any]:
@@ -136,6 +139,7 @@ class AttemptRequest:
                 scriptPath=self.inputs.script_path,
                 maxOutputBytes=self.max_output_bytes,
                 mask=sorted(self.inputs.secret_values),
+                podLock=self.pod_lock,
             )
         return request
 
@@ -231,6 +235,9 @@ class _Session:
             self.outcome.totals = {k: int(v) for k, v in (message.fields.get("totals") or {}).items()}
             result = message.fields.get("result")
             self.result = result if isinstance(result, dict) else {"error": "the agent sent an empty result"}
+        elif kind == "busy":
+            self.outcome.busy = [str(t) for t in message.fields.get("tasks") or []]
+            raise _Ended(Kind.NOT_STARTED, "The pod is busy with another task; nothing was started.")
         elif kind == "tombstoned":
             raise _Ended(Kind.NOT_STARTED, "The attempt was stopped before its script started; it never ran.")
         elif kind == "error":

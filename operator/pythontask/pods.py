@@ -160,9 +160,16 @@ class Pods:
         return random.choice([p for p in pods if self._in_flight[p.metadata.uid] == lowest])
 
     async def wait_ready(
-        self, view: NamespacePods, target: Target, wait_seconds: float, *, pod_name: str | None = None
+        self,
+        view: NamespacePods,
+        target: Target,
+        wait_seconds: float,
+        *,
+        pod_name: str | None = None,
+        avoid: frozenset[str] | set[str] = frozenset(),
     ) -> Any:
-        """A Ready pod for the target, from the namespace's pod cache; waits up to `wait_seconds` for one."""
+        """A Ready pod for the target, from the namespace's pod cache; waits up to `wait_seconds` for one.
+        Pods in `avoid` (uids: found busy a moment ago) are picked only when no other is Ready."""
         pod_name = pod_name or target.pod_name
         selector = target.selector
 
@@ -178,7 +185,7 @@ class Pods:
             pods = view.select(matches)
             ready = [p for p in pods if is_ready(p)]
             if ready:
-                return self._least_loaded(ready)
+                return self._least_loaded([p for p in ready if p.metadata.uid not in avoid] or ready)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise self._not_ready_failure(view.namespace, target, pod_name, pods, wait_seconds)

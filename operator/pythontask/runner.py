@@ -53,6 +53,11 @@ from .spec import PythonTaskSpec
 from .state_codec import UnreadableStatus, attempt_id, record_from_status, state_from_status, status_of
 
 FINALIZER = "pythontask.dev/finalizer"
+# On a pod: "Forbid" makes every task run there alone, whatever its own spec.concurrencyPolicy says.
+CONCURRENCY_ANNOTATION = "pythontask.dev/concurrency"
+BUSY_POLL_SECONDS = 1.0  # a task kept waiting by a busy pod asks again, backing off to the max
+BUSY_POLL_MAX_SECONDS = 10.0
+BUSY_AVOID_SECONDS = 30.0  # a selector prefers other Ready pods this long after one was found busy
 # Test-only fault injection (named in docs/design.md): exit hard right after an attempt is recorded,
 # before its exec starts, to prove that crash point.
 CRASH_AFTER_RECORD = "PYTHONTASK_TEST_CRASH_AFTER_RECORD"
@@ -165,6 +170,9 @@ class TaskRunner:
         self.last_record: machine.AttemptRecord | None = None  # ...and where its files are
         self.view: NamespacePods | None = None
         self._fence = _fence_key(body)
+        self._busy_pods: dict[str, float] = {}  # pod uid -> until when a selector avoids it (monotonic)
+        self._busy_message = ""
+        self._busy_wait = 0.0
 
     def stop(self, task: asyncio.Task[None], reason: StopReason) -> None:
         self.stop_reason = reason
@@ -350,11 +358,14 @@ class TaskRunner:
             container = pick_container(pod, spec.target.container)
             inputs = await self.ctx.inputs.resolve(self.namespace, spec)
             # The slot is taken before the attempt is recorded: a queued task is not Running.
+            before = state
             async with self._slot(state):
                 # The queue may have been long: record the container instance as it is now.
                 pod = self.view.pods.get(pod.metadata.uid, pod) if self.view is not None else pod
                 state = await self._record_attempt(state, pod, container)
                 outcome = await self._attempt(spec, state, "run", inputs, deadline)
+            if outcome.busy is not None:
+                return await self._wait_for_busy_pod(before, pod, outcome.busy)
         else:
             async with self._slot(state):
                 outcome = await self._resume(spec, state, deadline)
@@ -433,6 +444,7 @@ class TaskRunner:
             working_dir=spec.working_dir,
             inputs=inputs,
             max_output_bytes=spec.output.max_bytes or self.ctx.settings.max_output_bytes,
+            pod_lock=self._pod_lock(spec, record),
             context_env={
                 "PYTHONTASK_TASK": self.name,
                 "PYTHONTASK_NAMESPACE": self.namespace,
@@ -475,8 +487,10 @@ class TaskRunner:
                     outcome.started |= before.started
         if inputs is not None:
             outcome.mask |= inputs.secret_values
-        if outcome.missing:
-            return outcome  # a recovery follow found no trace: _resume decides, and stops it once
+        if outcome.missing or outcome.busy is not None:
+            # A recovery follow found no trace (_resume decides, and stops it once), or the pod's lock
+            # was held and the agent claimed nothing (_step waits, then tries the same attempt again).
+            return outcome
         if outcome.kind in (machine.Kind.POD_LOST, machine.Kind.STREAM_BROKEN, machine.Kind.EXEC_ERROR):
             pod = await self.ctx.pods.current(self.namespace, record.pod, record.pod_uid)
             fate = attempt_fate.judge(record, pod)
@@ -754,12 +768,45 @@ class TaskRunner:
             )
             return await pods.wait_ready(self.view, spec.target, wait, pod_name=pod.metadata.name)
         try:
-            return await pods.wait_ready(self.view, spec.target, 0)
+            return await pods.wait_ready(self.view, spec.target, 0, avoid=self._avoided_pods())
         except TaskFailure:
             pass
         what = spec.target.pod_name or (spec.target.selector.to_query() if spec.target.selector else "")
         await self._pending(f"Waiting up to {wait:g}s for a Ready pod ({what}).", state)
-        return await pods.wait_ready(self.view, spec.target, wait)
+        return await pods.wait_ready(self.view, spec.target, wait, avoid=self._avoided_pods())
+
+    async def _wait_for_busy_pod(
+        self, before: machine.TaskState, pod: Any, holders: list[str]
+    ) -> machine.TaskState:
+        """concurrencyPolicy Forbid (the task's, or the pod's annotation): the agent found the pod's lock
+        held and claimed nothing, so the attempt just recorded never existed in the container. It is
+        taken off the record (status as before it, waiting), and tried again after a pause; with a
+        selector another Ready pod is preferred meanwhile. Waiting counts against timeouts.total only."""
+        name = pod.metadata.name
+        who = ", ".join(f"task {h}" for h in holders) or "another task"
+        message = f"Pod {name} is busy with {who} (concurrencyPolicy Forbid): waiting for it to finish."
+        self._busy_pods[pod.metadata.uid] = time.monotonic() + BUSY_AVOID_SECONDS
+        if message != self._busy_message:
+            self._busy_message = message
+            await self._pending(message, before)
+            await self.ctx.events.normal(self.body, str(st.Reason.WAITING_FOR_POD), message)
+        self.state = before
+        self._busy_wait = min(BUSY_POLL_MAX_SECONDS, max(BUSY_POLL_SECONDS, self._busy_wait * 2))
+        await asyncio.sleep(self._busy_wait)
+        return before
+
+    def _avoided_pods(self) -> set[str]:
+        now = time.monotonic()
+        self._busy_pods = {uid: until for uid, until in self._busy_pods.items() if until > now}
+        return set(self._busy_pods)
+
+    def _pod_lock(self, spec: PythonTaskSpec, record: machine.AttemptRecord) -> dict[str, Any]:
+        """Every run takes its pod's lock: exclusive for a task that must run alone, shared otherwise (so
+        that one that must run alone waits for the others, and they for it)."""
+        pod = self.view.pods.get(record.pod_uid) if self.view is not None else None
+        annotations = (pod.metadata.annotations or {}) if pod is not None else {}
+        exclusive = spec.concurrency_policy == "Forbid" or annotations.get(CONCURRENCY_ANNOTATION) == "Forbid"
+        return {"pod": record.pod_uid, "exclusive": exclusive, "task": f"{self.namespace}/{self.name}"}
 
     async def _pending(
         self, message: str, state: machine.TaskState, reason: str = st.Reason.WAITING_FOR_POD

@@ -247,6 +247,8 @@ class PythonTaskSpec(Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retry: Retry = Field(default_factory=Retry)
     on_hang: Literal["Retry", "RestartPod", "Fail"] | None = None
+    # Forbid: the script runs alone in its pod (waiting for the pod's other tasks, and they for it).
+    concurrency_policy: Literal["Allow", "Forbid"] = "Allow"
     output: OutputSpec = Field(default_factory=OutputSpec)
     suspend: bool = False  # nothing runs while true; false again starts afresh (a run that ended stays)
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)  # then the task is deleted

@@ -974,3 +974,57 @@ def test_a_torn_fate_is_never_taken_for_a_tombstone() -> None:
         assert not agent_module.Fate(text).killed
     fate = agent_module.Fate("run 12 345")
     assert (fate.supervisor, fate.supervisor_start) == (12, "345")
+
+
+def _locked(d: Path, pod: str, exclusive: bool, task: str) -> dict[str, Any]:
+    return run_request(d, podLock={"pod": pod, "exclusive": exclusive, "task": task})
+
+
+RELEASED = b"import os, time\nwhile not os.path.exists(os.environ['RELEASE']): time.sleep(0.02)\n"
+
+
+def test_a_script_that_runs_alone_waits_for_the_pods_other_scripts_and_they_for_it(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    release = tmp_path / "release"
+    env = {"RELEASE": str(release)}
+    first = _locked(root / "t1" / "a1", "pod-1", False, "ns/shared-one")
+    running = Agent({**first, "env": env}, RELEASED)
+    running.wait_for("started")
+    # A task that must run alone: told who holds the pod; nothing claimed, so it may come again.
+    alone = root / "t2" / "a1"
+    busy = call(_locked(alone, "pod-1", True, "ns/alone"), b"print('never')\n")
+    assert busy.types == ["busy"], busy.messages
+    assert busy.one("busy")["tasks"] == ["ns/shared-one"]
+    assert not alone.exists()
+    # Another pod's lock is another lock (kwok pods share this machine's state directory).
+    other = call(_locked(root / "t3" / "a1", "pod-2", True, "ns/elsewhere"), b"print('there')\n")
+    assert other.types[-1] == "result", other.messages
+    # Shared tasks run side by side; then the alone one runs once they have all ended...
+    beside = call(_locked(root / "t4" / "a1", "pod-1", False, "ns/shared-two"), b"print('beside')\n")
+    assert beside.types[-1] == "result", beside.messages
+    release.touch()
+    running.wait_for("result")
+    running.close()
+    holding = Agent({**_locked(alone, "pod-1", True, "ns/alone"), "env": env}, RELEASED)
+    holding.wait_for("started")
+    # ...and while it runs, a shared one waits for it.
+    release.unlink()
+    waiting = call(_locked(root / "t5" / "a1", "pod-1", False, "ns/late"), b"print('late')\n")
+    assert waiting.one("busy")["tasks"] == ["ns/alone"]
+    release.touch()
+    holding.wait_for("result")
+    holding.close()
+
+
+def test_the_pod_lock_goes_with_a_killed_supervisor(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    d = root / "t1" / "a1"
+    holder = Agent(_locked(d, "pod-1", True, "ns/killed"), b"import time\ntime.sleep(600)\n")
+    holder.wait_for("started")
+    fate = (d / "fate").read_text().split()
+    os.kill(int(fate[1]), signal.SIGKILL)  # the supervisor (its script lives on, orphaned, in its group)
+    pids = json.loads((d / "pid").read_text())
+    os.killpg(pids["pid"], signal.SIGKILL)
+    holder.close()
+    after = call(_locked(root / "t2" / "a1", "pod-1", True, "ns/next"), b"print('next')\n")
+    assert after.types[-1] == "result", after.messages

@@ -5,7 +5,8 @@
 # Stdin: length-prefixed blobs (ASCII length, "\n", bytes): this source (read by the LOADER), a JSON
 # request, and for "run" the script. D is <stateDir>/<taskUID>/<attemptID>; T a task directory.
 #   {"op": "run", "dir": D, "tail": N, "python": [...], "args": [...], "env": {...},
-#    "workingDir": str|null, "scriptPath": str|null, "maxOutputBytes": int, "mask": [str, ...]}
+#    "workingDir": str|null, "scriptPath": str|null, "maxOutputBytes": int, "mask": [str, ...],
+#    "podLock": {"pod": uid, "exclusive": bool, "task": "ns/name"} | null}
 #   {"op": "follow", "dir": D, "tail": N}
 #   {"op": "kill", "dir": D, "grace": seconds, "why": str}
 #   {"op": "forget", "dirs": [D, ...], "tasks": [T, ...]}
@@ -18,6 +19,9 @@
 #   error {reason?, message}   with a reason a configuration error: StateDirNotWritable, ScriptNotFound
 #                              (UnsupportedPython comes from the LOADER); without one, the agent failed
 #   accepted {fresh}           run claimed D (fresh), or D was claimed before (then it is followed)
+#   busy {tasks}               run with podLock: the pod's lock is held (exclusive by a task that runs
+#                              alone, or shared while one is wanted exclusive): nothing was claimed or
+#                              started; tasks names what holds it
 #   tombstoned {}              killed before its script started: it never ran and never will (may come
 #                              after `accepted`)
 #   started {pid, mask}        the script runs or ran; mask: the secret values the run recorded
@@ -37,6 +41,7 @@
 #                 fsynced: a fate torn by a crash reads as "run", never as a tombstone
 #   script.py     the inline script (absent with scriptPath)
 #   mask.json     the secret values to mask in the output (mode 0600)
+#   task          JSON {task, pod}: who claimed D (with podLock), to name it to a task kept waiting
 #   stdout, stderr  everything the script wrote (its own fds, appending)
 #   pid           JSON: the script's pid (= its process group) and the supervisor's, with start times
 #   killed        JSON {why}: written by a kill op before it signals the script
@@ -59,7 +64,10 @@
 #   - a run agent older than START_WINDOW_SECONDS claims nothing (the operator has moved on);
 #   - stdout + stderr stay within maxOutputBytes, give or take one poll interval of output (polls come
 #     at least every POLL_MAX_SECONDS, and often enough that FLOOD_BYTES_PER_SECOND cannot cross it);
-#   - forget never removes an attempt whose script may still be running.
+#   - forget never removes an attempt whose script may still be running;
+#   - with podLock, a script that must run alone in its pod never runs beside another locked one: the
+#     supervisor holds <stateDir>/.pod-<uid>.lock (flock, exclusive or shared) from before D is claimed
+#     until the script has ended; the kernel drops it with the supervisor, whatever kills it.
 #
 # Test-only overrides (environment, seconds): PYTHONTASK_AGENT_HEARTBEAT, PYTHONTASK_AGENT_START_WINDOW,
 # PYTHONTASK_AGENT_ACK_TIMEOUT, PYTHONTASK_AGENT_DECIDE_TIMEOUT.
@@ -912,10 +920,80 @@ def finish(ch: Channel, stdin: BinaryIO, d: str) -> None:
 # Operations
 
 
+class Busy(Exception):
+    """The pod's lock is held in a way that excludes this run."""
+
+
+def take_pod_lock(d: str, lock: dict[str, Any]) -> int:
+    """The pod's lock, shared or exclusive, taken without waiting; an fd the supervisor inherits."""
+    import fcntl  # noqa: PLC0415 - a C module, only for runs that ask for the lock
+
+    root = os.path.dirname(os.path.dirname(d.rstrip("/")))
+    path = os.path.join(root, ".pod-" + str(lock["pod"]) + ".lock")
+    try:
+        os.makedirs(root, 0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise not_writable(e, e.filename or path, d) from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if lock.get("exclusive") else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise Busy() from None
+    return fd
+
+
+def lock_holders(d: str, pod: str) -> list[str]:
+    """The tasks whose scripts may be running in this pod (attempts claimed with podLock), but D's."""
+    root = os.path.dirname(os.path.dirname(d.rstrip("/")))
+    found = []
+    with ignoring(OSError):
+        for task in os.listdir(root):
+            with ignoring(OSError):
+                for attempt in os.listdir(os.path.join(root, task)):
+                    other = os.path.join(root, task, attempt)
+                    claim = read_json(os.path.join(other, "task"))
+                    if other == d.rstrip("/") or not isinstance(claim, dict) or claim.get("pod") != pod:
+                        continue
+                    fate = read_fate(other)
+                    if fate is not None and may_be_running(other, fate):
+                        found.append(str(claim.get("task")))
+    return sorted(set(found))
+
+
 def op_run(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
     d = req["dir"]
     script = read_blob(stdin)
+    lock = req.get("podLock")
+    held = Held()
+    if lock and not os.path.isdir(d):
+        try:
+            held.fd = take_pod_lock(d, lock)
+        except Busy:
+            ch.message("busy", tasks=lock_holders(d, str(lock["pod"])))
+            return
+    try:
+        run_claiming(ch, stdin, req, script, held)
+    finally:
+        held.close()
+
+
+class Held:
+    """Our copy of the pod lock's fd: let go once the supervisor (which inherits it) is forked, or when
+    nothing was started; closing twice must not close an unrelated fd that reused the number."""
+
+    fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def run_claiming(ch: Channel, stdin: BinaryIO, req: dict[str, Any], script: bytes, held: Held) -> None:
+    d = req["dir"]
     replay = int(req.get("tail", 65536))
+    lock = req.get("podLock")
     if not os.path.isdir(d):
         path = req.get("scriptPath")
         if path and not os.path.isfile(path):
@@ -950,6 +1028,9 @@ def op_run(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
                 if not req.get("scriptPath"):
                     write_new(run.path, script)
                 write_new(os.path.join(d, "mask.json"), to_json(run.mask).encode())
+                if lock:
+                    claim = {"task": lock.get("task"), "pod": str(lock["pod"])}
+                    write_new(os.path.join(d, "task"), to_json(claim).encode())
             except OSError as e:
                 settle(d, f"not started: {e}")  # claimed but never to start: a follower need not wait
                 raise not_writable(e, e.filename or d, d) from None
@@ -959,6 +1040,7 @@ def op_run(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
                 settle(d, f"not started: {e}")
                 raise Failure(f"cannot start the script's supervisor: {e}") from None
             SUPERVISORS.append(sup)
+            held.close()  # the supervisor holds the pod lock until its script has ended
             ch.message("accepted", fresh=True)
             if follow(ch, d, None, sup):
                 sup.reap()
