@@ -281,10 +281,10 @@ class _Session:
                         continue
                     for event in decoder.feed(data):
                         if isinstance(event, Message) and event.type == "forgotten":
-                            # Only what was really removed counts; anything skipped goes to the janitor.
-                            self.forgotten = bool(event.fields.get("removed")) and not event.fields.get(
-                                "skipped"
-                            )
+                            # Only what was really removed (or retained, per spec.output.retain)
+                            # counts; anything skipped goes to the janitor.
+                            done = event.fields.get("removed") or event.fields.get("retained")
+                            self.forgotten = bool(done) and not event.fields.get("skipped")
                             return
 
     def hard_deadline(self) -> float:
