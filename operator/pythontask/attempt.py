@@ -123,9 +123,13 @@ class AttemptRequest:
     inputs: ResolvedInputs | None = None  # needed only to run; following needs nothing
     max_output_bytes: int = 0
     context_env: dict[str, str] = field(default_factory=dict)  # PYTHONTASK_*: who and which attempt
+    # What the agent does with the files on "forget": keep them (spec.output.retain), see retention().
+    retain: dict[str, Any] | None = None
 
     def agent_request(self, op: str) -> dict[str, Any]:
         request: dict[str, Any] = {"op": op, "dir": self.attempt_dir, "tail": self.tail_bytes}
+        if self.retain:
+            request["retain"] = self.retain
         if op == "run":
             assert self.inputs is not None
             request.update(
@@ -332,6 +336,15 @@ class _Session:
         if agent_stderr.total:
             raise ExecError(f"the agent failed in the container: {agent_stderr.text().strip()}")
         return status
+
+
+def retention(seconds: float, max_output_bytes: int, attempt_id: str) -> dict[str, Any] | None:
+    """The agent's retention request for a forgotten attempt: kept `seconds`, a task's retained output at
+    most `max_output_bytes`, only its run's (None: removed at once)."""
+    if seconds <= 0:
+        return None
+    run = attempt_id.rpartition("-a")[0] or attempt_id
+    return {"seconds": seconds, "bytes": max_output_bytes, "run": run}
 
 
 async def run_attempt(
