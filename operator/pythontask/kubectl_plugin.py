@@ -295,7 +295,7 @@ def describe_text(task: dict[str, Any], now: float) -> str:
             else "removed once recorded (spec.output.retain: 0s); status keeps the tails",
         )
     )
-    width = max(len(key) for key, _ in fields) + 2
+    width = max(len(key) for key, _ in fields) + 3  # the colon and two spaces
     text = "".join(f"{(key + ':').ljust(width)}{value}\n" for key, value in fields)
     attempts = attempts_of(status)
     if not attempts:
