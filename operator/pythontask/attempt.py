@@ -126,9 +126,13 @@ class AttemptRequest:
     max_output_bytes: int = 0
     pod_lock: dict[str, Any] | None = None  # {pod, exclusive, task}: see the agent's podLock
     context_env: dict[str, str] = field(default_factory=dict)  # PYTHONTASK_*: who and which attempt
+    # What the agent does with the files on "forget": keep them (spec.output.retain), see retention().
+    retain: dict[str, Any] | None = None
 
     def agent_request(self, op: str) -> dict[str, Any]:
         request: dict[str, Any] = {"op": op, "dir": self.attempt_dir, "tail": self.tail_bytes}
+        if self.retain:
+            request["retain"] = self.retain
         if op == "run":
             assert self.inputs is not None
             request.update(
@@ -288,10 +292,10 @@ class _Session:
                         continue
                     for event in decoder.feed(data):
                         if isinstance(event, Message) and event.type == "forgotten":
-                            # Only what was really removed counts; anything skipped goes to the janitor.
-                            self.forgotten = bool(event.fields.get("removed")) and not event.fields.get(
-                                "skipped"
-                            )
+                            # Only what was really removed (or retained, per spec.output.retain)
+                            # counts; anything skipped goes to the janitor.
+                            done = event.fields.get("removed") or event.fields.get("retained")
+                            self.forgotten = bool(done) and not event.fields.get("skipped")
                             return
 
     def hard_deadline(self) -> float:
@@ -339,6 +343,15 @@ class _Session:
         if agent_stderr.total:
             raise ExecError(f"the agent failed in the container: {agent_stderr.text().strip()}")
         return status
+
+
+def retention(seconds: float, max_output_bytes: int, attempt_id: str) -> dict[str, Any] | None:
+    """The agent's retention request for a forgotten attempt: kept `seconds`, a task's retained output at
+    most `max_output_bytes`, only its run's (None: removed at once)."""
+    if seconds <= 0:
+        return None
+    run = attempt_id.rpartition("-a")[0] or attempt_id
+    return {"seconds": seconds, "bytes": max_output_bytes, "run": run}
 
 
 async def run_attempt(

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import structlog
@@ -57,10 +58,16 @@ class Janitor:
         self._flush_every = flush_every
         self._pending: dict[_Key, _Paths] = defaultdict(_Paths)
         self._later: list[tuple[float, _Key, str, str, int]] = []  # (due, key, "dirs"|"tasks", path, tried)
+        self._retain: dict[str, dict[str, Any]] = {}  # dir -> retention, while queued or retried
         self._task: asyncio.Task[None] | None = None
 
-    def forget(self, target: ExecTarget, python: list[str], attempt_dir: str) -> None:
-        """Queues an attempt directory whose outcome is recorded in status."""
+    def forget(
+        self, target: ExecTarget, python: list[str], attempt_dir: str, retain: dict[str, Any] | None = None
+    ) -> None:
+        """Queues an attempt directory whose outcome is recorded in status; with `retain` (see
+        attempt.retention) the agent keeps its files for that long instead of removing them."""
+        if retain:
+            self._retain[attempt_dir] = retain
         self._queue(self._key(target, python), "dirs", attempt_dir, 0)
 
     def forget_task(self, target: ExecTarget, python: list[str], task_dir: str) -> None:
@@ -84,6 +91,7 @@ class Janitor:
         """`tried`: removals tried so far (at least one)."""
         if tried > len(RETRY_DELAYS):
             log.warning("left a directory in the container after repeated failures", pod=key[1], path=path)
+            self._retain.pop(path, None)
             return
         self._later.append((self._clock() + RETRY_DELAYS[tried - 1], key, what, path, tried))
 
@@ -112,7 +120,14 @@ class Janitor:
 
     async def _send(self, key: _Key, dirs: list[tuple[str, int]], tasks: list[tuple[str, int]]) -> None:
         namespace, pod, container, python, identity = key
-        request = {"op": "forget", "dirs": [d for d, _ in dirs], "tasks": [t for t, _ in tasks]}
+        request: dict[str, Any] = {
+            "op": "forget",
+            "dirs": [d for d, _ in dirs],
+            "tasks": [t for t, _ in tasks],
+        }
+        retain = {d: self._retain[d] for d, _ in dirs if d in self._retain}
+        if retain:
+            request["retain"] = retain
         try:
             with impersonation.acting_as(identity):
                 answer = await agent_call(
@@ -139,6 +154,9 @@ class Janitor:
             skipped = [str(s) for s in answer.fields.get("skippedDirs") or []]
             again_dirs = [(d, n) for d, n in dirs if d in skipped]
             again_tasks = [(t, n) for t, n in tasks if any(_under(s, t) for s in skipped)]
+        for path, _ in dirs:
+            if path not in {d for d, _ in again_dirs}:
+                self._retain.pop(path, None)
         for path, tried in again_dirs:
             self._retry(key, "dirs", path, tried + 1)
         for path, tried in again_tasks:

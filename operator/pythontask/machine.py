@@ -109,6 +109,8 @@ class HistoryEntry:
     end: float
     reason: str
     exit_code: int | None = None
+    id: str = ""  # the attempt's id (its directory in the container); empty in older statuses
+    container: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,16 @@ def end(
     if current is None or current.id != attempt_id or state.terminal:
         return state, None
     reason = classify(outcome)
-    entry = HistoryEntry(current.number, current.pod, current.start, now, reason, outcome.exit_code)
+    entry = HistoryEntry(
+        current.number,
+        current.pod,
+        current.start,
+        now,
+        reason,
+        outcome.exit_code,
+        id=current.id,
+        container=current.container,
+    )
     history = (*state.history, entry)[-HISTORY_LIMIT:]
     failures = _exec_failures(state, outcome, current.pod)
     # An attempt that never started is free, a few times: an operator that keeps crashing between

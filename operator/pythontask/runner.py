@@ -35,7 +35,14 @@ from . import status as st
 from .access import EXEC_RIGHT, Access, grant_hint, needed
 from .agent_ops import agent_call
 from .agent_protocol import AgentProtocolError, Message
-from .attempt import STREAM_SILENCE_SECONDS, AttemptOutcome, AttemptRequest, Limits, run_attempt
+from .attempt import (
+    STREAM_SILENCE_SECONDS,
+    AttemptOutcome,
+    AttemptRequest,
+    Limits,
+    retention,
+    run_attempt,
+)
 from .attempt_fate import container_instance
 from .config import Settings
 from .events import Events
@@ -445,12 +452,19 @@ class TaskRunner:
             inputs=inputs,
             max_output_bytes=spec.output.max_bytes or self.ctx.settings.max_output_bytes,
             pod_lock=self._pod_lock(spec, record),
+            retain=self._retention(spec, record),
             context_env={
                 "PYTHONTASK_TASK": self.name,
                 "PYTHONTASK_NAMESPACE": self.namespace,
                 "PYTHONTASK_ATTEMPT": str(record.number),
             },
         )
+
+    def _retention(self, spec: PythonTaskSpec | None, record: machine.AttemptRecord) -> dict[str, Any] | None:
+        if spec is None:
+            return None
+        limit = spec.output.max_bytes or self.ctx.settings.max_output_bytes
+        return retention(spec.output.retain_seconds, limit, record.id)
 
     async def _attempt(
         self,
@@ -718,22 +732,28 @@ class TaskRunner:
             await self.ctx.events.warning(self.body, decision.reason, message)
             # The attempt's whole tails, not the last progress refresh's: what Retrying is about.
             await self._write(st.Phase.RETRYING, decision.reason, message, state, output=_output_of(outcome))
-            await self._forget(record, outcome)
+            await self._forget(record, outcome, spec)
         return state
 
-    async def _forget(self, record: machine.AttemptRecord, outcome: AttemptOutcome) -> None:
+    async def _forget(
+        self, record: machine.AttemptRecord, outcome: AttemptOutcome, spec: PythonTaskSpec | None
+    ) -> None:
         """Its outcome is in status now: its files in the container can go, through the stream that
         delivered the result (the agent waits for that word), else batched in the background: every
         attempt its run claimed (it started, or the kill found it claimed). Not a tombstone (an attempt
         that never started there): a start arriving late must still find it. Tombstones go with the
-        task's directory when the task is deleted."""
+        task's directory when the task is deleted. With spec.output.retain the agent keeps the files
+        that long instead (the stream's agent has the retention from its request)."""
         if await outcome.release(True):
             return
         if not (outcome.started or outcome.accepted or outcome.kind is machine.Kind.EXITED):
             return
         target = ExecTarget(self.namespace, record.pod, record.container)
         self.ctx.janitor.forget(
-            target, python_of(self.body), attempt_dir(self.ctx.settings, self.body, record.id)
+            target,
+            python_of(self.body),
+            attempt_dir(self.ctx.settings, self.body, record.id),
+            self._retention(spec, record),
         )
 
     async def _restart_pod(self, pod: Any, *, asked: bool) -> None:
@@ -866,6 +886,7 @@ class TaskRunner:
             completionTime=None,
             output=None,
             resources=None,
+            stateDir=self.ctx.settings.state_dir,  # where the attempt's files are (kubectl pythontask logs)
         )
         self.state = state
         if os.environ.get(CRASH_AFTER_RECORD):
@@ -892,7 +913,7 @@ class TaskRunner:
             await self.ctx.events.warning(self.body, str(state.reason), message, final=True)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
         if self.last_record is not None and last is not None:
-            await self._forget(self.last_record, last)
+            await self._forget(self.last_record, last, spec)
         if spec is not None and spec.target.template is not None and not spec.target.keep_pod:
             await self.ctx.pods.delete_template_pods(self.body)
 

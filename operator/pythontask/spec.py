@@ -213,6 +213,10 @@ class Retry(Model):
 
 DEFAULT_PROGRESS_INTERVAL = "10s"
 MIN_PROGRESS_INTERVAL_SECONDS = 1.0  # each refresh is a status write: bounded per task
+# Off by default: files kept in the user's own pods (often an emptyDir with a sizeLimit, whose excess
+# evicts the pod) must be asked for. Bounded so the container's clock arithmetic stays sane.
+DEFAULT_RETAIN = "0s"
+MAX_RETAIN_SECONDS = 365 * 24 * 3600.0
 
 
 class OutputSpec(Model):
@@ -220,6 +224,9 @@ class OutputSpec(Model):
     max_bytes: int | None = Field(default=None, ge=1024 * 1024)  # None: the operator's default
     # How often, at most, the tails are written to status while the script runs ("0s": only at the end).
     progress_interval: str = DEFAULT_PROGRESS_INTERVAL
+    # How long the whole stdout/stderr of the run's attempts stay in the container after their results are
+    # recorded (for `kubectl pythontask logs`); together at most max_bytes per task ("0s": removed at once).
+    retain: str = DEFAULT_RETAIN
 
     @field_validator("progress_interval")
     @classmethod
@@ -229,9 +236,20 @@ class OutputSpec(Model):
             raise ValueError(f"must be at least {MIN_PROGRESS_INTERVAL_SECONDS:g}s, or 0s to turn it off")
         return value
 
+    @field_validator("retain")
+    @classmethod
+    def _retain(cls, value: str) -> str:
+        if durations.parse(value) > MAX_RETAIN_SECONDS:
+            raise ValueError("must be at most 8760h (a year)")
+        return value
+
     @property
     def progress_interval_seconds(self) -> float:
         return durations.parse(self.progress_interval)
+
+    @property
+    def retain_seconds(self) -> float:
+        return durations.parse(self.retain)
 
 
 class PythonTaskSpec(Model):

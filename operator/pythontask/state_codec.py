@@ -21,6 +21,12 @@ def attempt_id(generation: int, rerun_token: str, run_started: float, number: in
     return f"g{generation}-r{run}-a{number}"
 
 
+def run_of(attempt: str) -> str:
+    """The run an attempt id belongs to: the id without its "-a<N>" (the agent keeps the retained output
+    of a task's last run only)."""
+    return attempt.rpartition("-a")[0] or attempt
+
+
 def record_to_status(record: machine.AttemptRecord) -> dict[str, Any]:
     return {
         "number": record.number,
@@ -71,6 +77,10 @@ def history_to_status(history: tuple[machine.HistoryEntry, ...]) -> list[dict[st
         }
         if h.exit_code is not None:
             entry["exitCode"] = h.exit_code
+        if h.id:
+            entry["id"] = h.id
+        if h.container:
+            entry["container"] = h.container
         out.append(entry)
     return out
 
@@ -114,6 +124,8 @@ def _state_from_status(status: dict[str, Any]) -> machine.TaskState:
             end=st.parse_iso(h["completionTime"]),
             reason=h.get("reason", ""),
             exit_code=h.get("exitCode"),
+            id=str(h.get("id") or ""),
+            container=str(h.get("container") or ""),
         )
         for h in status.get("history") or []
     )

@@ -77,6 +77,7 @@ def status_objects() -> s.SearchStrategy[dict[str, Any]]:
 
 DURATIONS = ["0s", "1s", "2s", "500ms", "1m", "1h30m"]
 PROGRESS_INTERVALS = ["0s", "1s", "10s", "1m30s"]  # at least 1s, or 0s
+RETAINS = ["0s", "1s", "10m", "1h30m", "8760h"]  # at most 8760h
 KINDS = ("podName", "selector", "template")
 
 
@@ -147,6 +148,8 @@ def coherent(spec: dict[str, Any], seed: int) -> dict[str, Any]:
         spec["timeouts"][name] = DURATIONS[(seed + len(name)) % len(DURATIONS)]
     if "progressInterval" in (spec.get("output") or {}):
         spec["output"]["progressInterval"] = PROGRESS_INTERVALS[seed % len(PROGRESS_INTERVALS)]
+    if "retain" in (spec.get("output") or {}):
+        spec["output"]["retain"] = RETAINS[seed % len(RETAINS)]
     backoff = (spec.get("retry") or {}).get("backoff")
     for name in list(backoff or {}):
         if name in ("initial", "max"):

@@ -576,7 +576,7 @@ def test_forget_never_removes_a_running_attempt(state: Path, tmp_path: Path) -> 
 
     reply = call({"op": "forget", "dirs": [str(running)], "tasks": []})
     assert reply.one("forgotten") == {
-        "type": "forgotten", "removed": 0, "skipped": 1, "skippedDirs": [str(running)]
+        "type": "forgotten", "removed": 0, "retained": 0, "skipped": 1, "skippedDirs": [str(running)]
     }  # fmt: skip
     reply = call({"op": "forget", "dirs": [], "tasks": [str(task)]})
     assert reply.one("forgotten")["removed"] == 3
@@ -1028,3 +1028,172 @@ def test_the_pod_lock_goes_with_a_killed_supervisor(tmp_path: Path) -> None:
     holder.close()
     after = call(_locked(root / "t2" / "a1", "pod-1", True, "ns/next"), b"print('next')\n")
     assert after.types[-1] == "result", after.messages
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retention (spec.output.retain) and the read op (the kubectl plugin's `logs`)
+
+
+def retain(seconds: float, *, limit: int = 0, run: str = "g1-rrun1") -> dict[str, Any]:
+    return {"seconds": seconds, "bytes": limit, "run": run}
+
+
+def read(d: Path, stream: str = "stdout", follow: bool = False) -> Reply:
+    return call({"op": "read", "dir": str(d), "stream": stream, "follow": follow})
+
+
+def index_of(state: Path) -> list[str]:
+    index = state / ".retained"
+    return sorted(p.name for p in index.iterdir()) if index.exists() else []
+
+
+def test_a_retained_attempt_is_kept_and_read_whole_from_its_first_byte(state: Path, reaped: None) -> None:
+    d = state / "task" / "g1-rrun1-a1"
+    script = b"import sys\nsys.stdout.write('x' * 300000 + 'END')\nsys.stderr.write('oops')\n"
+    reply = call(run_request(d, retain=retain(3600)), script, ack=FORGET_ACK)
+    assert reply.one("forgotten") == {"type": "forgotten", "removed": 0, "retained": 1, "skipped": 0}
+    assert d.is_dir()
+    until, run = (d / "retain-until").read_text().split()
+    assert run == "g1-rrun1"
+    assert abs(int(until) / 1000 - (time.time() + 3600)) < 60
+    assert index_of(state) == [f"{int(until):015d}.task.g1-rrun1-a1"]
+
+    out = read(d)
+    assert bytes(out.stdout) == b"x" * 300000 + b"END"  # byte-exact, not a tail
+    assert not out.stderr
+    end = out.one("end")
+    assert end["result"]["exitCode"] == 0
+    assert end["totals"] == {"stdout": 300003, "stderr": 4}
+    assert (end["running"], end["removed"]) == (False, False)
+    assert abs(end["retainedUntil"] - int(until) / 1000) < 0.01
+    err = read(d, "stderr")
+    assert bytes(err.stderr) == b"oops"
+    assert not err.stdout
+
+    # A second forget (the janitor, after a lost acknowledgement) keeps the first mark.
+    again = call({"op": "forget", "dirs": [str(d)], "tasks": [], "retain": {str(d): retain(5)}})
+    assert again.one("forgotten")["retained"] == 1
+    assert (d / "retain-until").read_text().split()[0] == until
+    # Deleting the task still purges everything, retained output included.
+    purged = call({"op": "forget", "dirs": [], "tasks": [str(d.parent)]})
+    assert purged.one("forgotten")["removed"] == 1
+    assert not d.parent.exists()
+
+
+def test_the_read_op_writes_nothing_and_says_what_it_cannot_read(state: Path, tmp_path: Path) -> None:
+    assert read(state / "task" / "none").types == ["missing"]
+    tomb = state / "task" / "tomb"
+    call({"op": "kill", "dir": str(tomb), "grace": 1, "why": "Hang"})
+    assert read(tomb).types == ["tombstoned"]
+    claimed = state / "task" / "claimed"
+    claimed.mkdir(parents=True)  # claimed, its fate undecided: a follower would tombstone it, read does not
+    assert read(claimed).types == ["notStarted"]
+    assert list(claimed.iterdir()) == []
+    before = {p: p.stat().st_mtime_ns for p in state.rglob("*")}
+    read(tomb)
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == before
+
+
+def test_read_follow_streams_a_running_script_live_to_its_end(state: Path, tmp_path: Path) -> None:
+    d = state / "task" / "a1"
+    release = tmp_path / "release"
+    script = (
+        "import os, sys, time\n"
+        "print('first', flush=True)\n"
+        f"while not os.path.exists({str(release)!r}):\n"
+        "    time.sleep(0.01)\n"
+        "print('last', flush=True)\n"
+    ).encode()
+    runner = Agent(run_request(d), script)
+    runner.wait_output(b"first\n")
+    snapshot = read(d)  # without follow: what is there now, and that it runs
+    assert bytes(snapshot.stdout) == b"first\n"
+    assert snapshot.one("end")["running"] is True
+    assert snapshot.one("end")["result"] is None
+
+    reader = Agent({"op": "read", "dir": str(d), "stream": "stdout", "follow": True})
+    reader.wait_output(b"first\n")  # live: before the script ends
+    assert "end" not in reader.types
+    release.touch()
+    end = reader.wait_for("end")
+    assert end["result"]["exitCode"] == 0
+    assert bytes(reader.stdout) == b"first\nlast\n"
+    assert reader.close() == 0
+    runner.wait_for("result")
+    assert runner.close() == 0
+
+
+def test_expired_output_is_reported_and_swept_by_the_next_agent(state: Path, reaped: None) -> None:
+    d = state / "task" / "g1-rrun1-a1"
+    call(run_request(d, retain=retain(0.3)), b"print('kept a moment')", ack=FORGET_ACK)
+    assert read(d).types == ["end"]
+    eventually(lambda: read(d).types == ["expired"], within=10, what="the retention to expire")
+    assert d.is_dir()  # read writes nothing, not even a sweep
+    # Any run, follow or forget sweeps: here another task's run.
+    call(run_request(state / "other" / "g1-rrun9-a1"), b"pass", ack=FORGET_ACK)
+    assert not d.exists()
+    assert not d.parent.exists()
+    assert index_of(state) == []
+
+
+def test_the_sweep_never_removes_a_running_attempt_nor_a_tombstone(state: Path, tmp_path: Path) -> None:
+    # Marks made by hand, as a buggy or hostile writer might: retention still removes only what ended.
+    running = state / "task" / "running"
+    runner = Agent(run_request(running, args=["r"]), MARKED_SLEEPER.format(markers=str(tmp_path)).encode())
+    runner.wait_output(b"ready\n")
+    tomb = state / "task" / "tomb"
+    call({"op": "kill", "dir": str(tomb), "grace": 1, "why": "Hang"})
+    (state / ".retained").mkdir()
+    for d in (running, tomb):
+        (d / "retain-until").write_text("1 g1-r\n")
+        (state / ".retained" / f"{1:015d}.task.{d.name}").touch()
+    call({"op": "forget", "dirs": [], "tasks": [], "dir": str(state / "x" / "y")})
+    call(run_request(state / "other" / "a1"), b"pass")
+    assert running.is_dir()
+    assert (running / "pid").exists()
+    assert (tomb / "fate").read_text().startswith("killed")
+    # Neither can be marked by a real forget either: a running script is skipped, a tombstone removed.
+    reply = call({"op": "forget", "dirs": [str(running)], "tasks": [], "retain": {str(running): retain(60)}})
+    assert reply.one("forgotten")["skipped"] == 1
+    call({"op": "kill", "dir": str(running), "grace": 1, "why": "Hang"})
+    runner.wait_for("result")
+    assert runner.close() == 0
+
+
+def test_a_tasks_retained_output_stays_within_its_bytes_oldest_first_and_only_its_last_run(
+    state: Path, reaped: None
+) -> None:
+    task = state / "task"
+
+    def attempt(name: str, size: int, run: str = "g1-rrun1") -> Path:
+        d = task / name
+        reply = call(
+            run_request(d, retain=retain(3600, limit=250_000, run=run)),
+            f"print('y' * {size - 1})".encode(),
+            ack=FORGET_ACK,
+        )
+        assert reply.one("forgotten")["retained"] == 1
+        return d
+
+    a1 = attempt("g1-rrun1-a1", 100_000)
+    a2 = attempt("g1-rrun1-a2", 100_000)
+    assert a1.is_dir()
+    assert a2.is_dir()  # 200,000 bytes: within the bound
+    a3 = attempt("g1-rrun1-a3", 100_000)
+    assert not a1.exists()  # the oldest went first
+    assert a2.is_dir()
+    assert a3.is_dir()
+    assert len(index_of(state)) == 2
+    big = attempt("g1-rrun1-a4", 300_000)  # alone over the bound: it stays, the others go
+    assert sorted(p.name for p in task.iterdir()) == [big.name]
+    rerun = attempt("g1-rrun2-a1", 10)  # a new run: the last run's output goes at once
+    assert sorted(p.name for p in task.iterdir()) == [rerun.name]
+    assert index_of(state) == [n for n in index_of(state) if n.endswith(".g1-rrun2-a1")]
+    assert len(index_of(state)) == 1
+
+
+def test_without_retention_forget_removes_as_before(state: Path, reaped: None) -> None:
+    d = state / "task" / "a1"
+    reply = call(run_request(d, retain=retain(0)), b"print(1)", ack=FORGET_ACK)
+    assert reply.one("forgotten") == {"type": "forgotten", "removed": 1, "retained": 0, "skipped": 0}
+    assert not d.parent.exists()

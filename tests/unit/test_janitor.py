@@ -114,3 +114,20 @@ async def test_after_the_last_retry_the_directory_is_let_go(
     clock.now += 3600
     await janitor.flush()
     assert len(agent.requests) == len(RETRY_DELAYS) + 1
+
+
+async def test_retention_travels_with_its_directory_retries_included(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    keep = {"seconds": 3600.0, "bytes": 1 << 20, "run": "g1-rabc"}
+    janitor, agent = janitor_and_agent(monkeypatch, clock, ExecError("connection reset"))
+    janitor.forget(TARGET, PYTHON, "/s/u/g1-rabc-a1", keep)
+    janitor.forget(TARGET, PYTHON, "/s/u/g1-rabc-a2")  # a task without retention, on the same pod
+    await janitor.flush()
+    clock.now += RETRY_DELAYS[0]
+    await janitor.flush()
+    for request in agent.requests:
+        assert request["retain"] == {"/s/u/g1-rabc-a1": keep}
+    assert len(agent.requests) == 2
+    assert not janitor.busy()
+    assert not janitor._retain  # let go once done

@@ -201,3 +201,14 @@ async def test_an_evicted_or_outdated_template_pod_is_deleted_never_adopted() ->
     assert (await pods.ensure_template_pod(TEMPLATE_TASK, spec)).metadata.name == "new"
     assert sorted(core.deleted) == ["evicted", "outdated"]
     assert len(core.created) == 1
+
+
+def test_output_retain_is_a_duration_off_by_default_and_at_most_a_year() -> None:
+    base = {"target": {"podName": "w"}, "script": {"inline": "pass"}}
+    assert PythonTaskSpec.model_validate(base).output.retain_seconds == 0
+    spec = PythonTaskSpec.model_validate({**base, "output": {"retain": "1h30m"}})
+    assert spec.output.retain_seconds == 5400
+    assert PythonTaskSpec.model_validate({**base, "output": {"retain": "8760h"}}).output.retain_seconds
+    for bad in ("8761h", "forever", "-1s", ""):
+        with pytest.raises(ValidationError):
+            PythonTaskSpec.model_validate({**base, "output": {"retain": bad}})

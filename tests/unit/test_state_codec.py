@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pythontask import machine
 from pythontask import status as sts
 from pythontask.spec import MAX_INLINE_BYTES
-from pythontask.state_codec import attempt_id, state_from_status
+from pythontask.state_codec import attempt_id, run_of, state_from_status
 from support.statuses import written_status
 
 ETCD_LIMIT = 1536 * 1024
@@ -37,6 +37,24 @@ def test_attempt_ids_are_deterministic_and_distinct_per_run() -> None:
         for n in (1, 2)
     }
     assert len(ids) == 24  # a rerun token used again later is another run
+
+
+def test_history_entries_say_where_each_attempt_ran_and_survive_a_restart() -> None:
+    entry = machine.HistoryEntry(1, "w", 10.0, 20.0, "NonZeroExitCode", 3, id="g1-rabc-a1", container="main")
+    state = machine.TaskState(attempts=1, history=(entry,), phase=sts.Phase.FAILED, reason="NonZeroExitCode")
+    status = written_status(state)
+    assert status["history"][0]["id"] == "g1-rabc-a1"
+    assert status["history"][0]["container"] == "main"
+    assert state_from_status(status).history == (entry,)
+    # Written by an older operator: no id, no container (the kubectl plugin says it cannot find it).
+    del status["history"][0]["id"], status["history"][0]["container"]
+    assert state_from_status(status).history[0].id == ""
+
+
+def test_the_run_of_an_attempt_id() -> None:
+    one, two = attempt_id(3, "t", 1000.0, 1), attempt_id(3, "t", 1000.0, 12)
+    assert run_of(one) == run_of(two) == one[: -len("-a1")]
+    assert run_of(attempt_id(3, "t", 2000.0, 1)) != run_of(one)
 
 
 def test_exec_failures_and_the_recorded_container_survive_a_restart() -> None:
@@ -72,7 +90,17 @@ def test_the_worst_final_status_leaves_room_for_a_1_mib_script() -> None:
         machine.TaskState(
             attempts=101,
             history=tuple(
-                machine.HistoryEntry(n, "p" * 253, 0.0, 1.0, "NonZeroExitCode", 1) for n in range(92, 102)
+                machine.HistoryEntry(
+                    n,
+                    "p" * 253,
+                    0.0,
+                    1.0,
+                    "NonZeroExitCode",
+                    1,
+                    id=f"g{2**63}-rffffffff-a{n}",
+                    container="c" * 63,
+                )
+                for n in range(92, 102)
             ),
             phase=sts.Phase.FAILED,
             reason="NonZeroExitCode",

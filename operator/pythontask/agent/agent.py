@@ -6,13 +6,21 @@
 # request, and for "run" the script. D is <stateDir>/<taskUID>/<attemptID>; T a task directory.
 #   {"op": "run", "dir": D, "tail": N, "python": [...], "args": [...], "env": {...},
 #    "workingDir": str|null, "scriptPath": str|null, "maxOutputBytes": int, "mask": [str, ...],
-#    "podLock": {"pod": uid, "exclusive": bool, "task": "ns/name"} | null}
-#   {"op": "follow", "dir": D, "tail": N}
+#    "podLock": {"pod": uid, "exclusive": bool, "task": "ns/name"} | null, "retain": R?}
+#   {"op": "follow", "dir": D, "tail": N, "retain": R?}
 #   {"op": "kill", "dir": D, "grace": seconds, "why": str}
-#   {"op": "forget", "dirs": [D, ...], "tasks": [T, ...]}
+#   {"op": "forget", "dirs": [D, ...], "tasks": [T, ...], "retain": {D: R, ...}?}
+#   {"op": "read", "dir": D, "stream": "stdout"|"stderr", "follow": bool}
+#   R = {"seconds": S, "bytes": B, "run": str}: how long a forgotten D's output is kept (retained),
+#   the most output bytes a task's retained Ds may hold together (0: no bound), and D's run (the
+#   attempt id without its "-a<N>"): retained Ds of other runs of the task go at once.
 # After a `result`, a run or follow agent reads one more line (heartbeating meanwhile, at most
-# ACK_TIMEOUT_SECONDS): "forget" removes D (and T if now empty) and answers `forgotten`; EOF or anything
-# else leaves the files. The operator sends it once the result is in its status.
+# ACK_TIMEOUT_SECONDS): "forget" forgets D (below) and answers `forgotten`; EOF or anything else leaves
+# the files. The operator sends it once the result is in its status. Forgetting D removes it (and T if
+# now empty), unless R says to retain it: then D's script must have run and ended, and D stays, marked
+# retained until now + S (the container's clock), for `read`; see "Retention" below.
+# `read` is the one op that writes nothing (the kubectl plugin runs it with the user's rights): it sends
+# D's whole stdout or stderr from its first byte and, with follow, what comes until the script ends.
 #
 # Stdout (the exec's stdout channel): frames of one byte kind, four bytes big-endian length, payload.
 #   b"O" script stdout bytes, b"E" script stderr bytes, b"M" a JSON message {"type": ..., ...}:
@@ -28,9 +36,14 @@
 #   caughtUp {}                what was on disk has been sent (on a follow: the last `tail` bytes)
 #   heartbeat {}               at least every HEARTBEAT_SECONDS while following or waiting
 #   result {result, totals}    the content of result.json, and the byte totals {stdout, stderr}
-#   missing {}                 follow: no such D
+#   missing {}                 follow, read: no such D
 #   killed {wasRunning, gone, forced, tombstoned}
-#   forgotten {removed, skipped, skippedDirs}    counts of attempt dirs, and the skipped ones
+#   forgotten {removed, retained, skipped, skippedDirs}    counts of attempt dirs, and the skipped ones
+#   expired {at}               read: D was retained until `at` (epoch seconds), which has passed
+#   notStarted {}              read: D is claimed, its script not started (yet)
+#   end {result, totals, running, removed, retainedUntil}    read: all of the stream was sent (up to
+#                              now, without follow); result null while it runs; removed: D went while
+#                              being read (forgotten after its result: what was written was all sent)
 # Our own stderr stays empty: every failure is reported as an `error` message.
 #
 # Layout of an attempt directory D:
@@ -48,6 +61,14 @@
 #   result.json   written atomically by the supervisor once the script has ended: exitCode (128+N for
 #                 signal N), signal, startedAt, finishedAt, resources, oomKilled, killedBy {why, at},
 #                 outputLimitExceeded; or {error} if the exit status was lost
+#   retain-until  "<epoch milliseconds> <run>": D was forgotten and is kept until then (retained)
+#
+# Retention: a retained D has an entry <stateDir>/.retained/<until ms, 15 digits>.<task>.<attempt>
+# (made before D's mark, so a mark always has an entry); names sort by expiry. Every run, follow and
+# forget agent then removes expired retained Ds (at most SWEEP_LIMIT, oldest first: one listdir and a
+# few unlinks). When D is retained, the task's other retained Ds of other runs go, and the oldest of its
+# run go while their stdout+stderr, with D's, exceed R's bytes. Only a marked D whose script cannot be
+# running is ever removed by retention; a tombstone or a D without a result is never marked.
 #
 # Processes: a run agent forks the supervisor once. The supervisor calls setsid (a dropped exec session or
 # a signal to the agent's group does not reach it), becomes a child subreaper, forks the script in its own
@@ -64,7 +85,8 @@
 #   - a run agent older than START_WINDOW_SECONDS claims nothing (the operator has moved on);
 #   - stdout + stderr stay within maxOutputBytes, give or take one poll interval of output (polls come
 #     at least every POLL_MAX_SECONDS, and often enough that FLOOD_BYTES_PER_SECOND cannot cross it);
-#   - forget never removes an attempt whose script may still be running;
+#   - forget never removes an attempt whose script may still be running, and neither does retention;
+#   - read writes nothing;
 #   - with podLock, a script that must run alone in its pod never runs beside another locked one: the
 #     supervisor holds <stateDir>/.pod-<uid>.lock (flock, exclusive or shared) from before D is claimed
 #     until the script has ended; the kernel drops it with the supervisor, whatever kills it.
@@ -120,6 +142,9 @@ KILL_FORCED_WAIT_SECONDS = 10.0
 CHUNK = 64 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+RETAIN_MARK = "retain-until"
+RETAINED_INDEX = ".retained"
+SWEEP_LIMIT = 32  # expired retained attempt dirs removed by one agent, at most
 
 
 def _no_default(value: object) -> Any:
@@ -909,11 +934,77 @@ def follow(ch: Channel, d: str, replay: int | None, sup: Supervisor | None = Non
     return True
 
 
-def finish(ch: Channel, stdin: BinaryIO, d: str) -> None:
+def finish(ch: Channel, stdin: BinaryIO, d: str, retain: Any = None) -> None:
     """After the result: the operator acknowledges with "forget" once it has recorded it."""
     if ch.open and read_ack(ch, stdin, ACK_TIMEOUT_SECONDS).strip() == b"forget":
-        removed, skipped, _ = forget([d], [])
-        ch.message("forgotten", removed=removed, skipped=skipped)
+        removed, retained, skipped, _ = forget([d], [], {d: retain} if retain else {})
+        ch.message("forgotten", removed=removed, retained=retained, skipped=skipped)
+
+
+def op_read(ch: Channel, req: dict[str, Any]) -> None:
+    """D's whole stdout (or stderr) from its first byte; with `follow`, on until the script ended. Reads
+    only: a D nobody decided yet is waited for (follow) or reported, never settled."""
+    d = req["dir"]
+    name = "stderr" if req.get("stream") == "stderr" else "stdout"
+    live = bool(req.get("follow"))
+    if not os.path.isdir(d):
+        ch.message("missing")
+        return
+    mark = read_retain_mark(d)
+    if mark is not None and mark[0] <= time.time() * 1000:
+        ch.message("expired", at=mark[0] / 1000)
+        return
+    fate = read_fate(d)
+    poll = POLL_MIN_SECONDS
+    deadline = time.monotonic() + DECIDE_TIMEOUT_SECONDS
+    while fate is None and live and os.path.isdir(d) and time.monotonic() < deadline:
+        ch.pause(poll)
+        poll = min(POLL_MAX_SECONDS, poll * 1.5)
+        fate = read_fate(d)
+    if fate is None:
+        ch.message("missing" if not os.path.isdir(d) else "notStarted")
+        return
+    if fate.killed:
+        ch.message("tombstoned")
+        return
+    stream = Stream(os.path.join(d, name), b"O" if name == "stdout" else b"E")
+    result = None
+    removed = False
+    poll = POLL_MIN_SECONDS
+    try:
+        while True:
+            # As follow does: the result first, so that output written before it is not missed.
+            result = read_result(d)
+            removed = not os.path.isdir(d)
+            moved = stream.drain(ch, None)
+            if not ch.open:
+                return
+            if result is not None or removed or not live:
+                break
+            if not may_be_running(d, fate) and read_result(d) is None and fate.supervisor is not None:
+                stream.drain(ch, None)
+                break  # its supervisor died without a result: nothing more will come
+            if moved:
+                poll = POLL_MIN_SECONDS
+                ch.beat()
+            else:
+                ch.pause(poll)
+                poll = min(POLL_MAX_SECONDS, poll * 1.5)
+        if removed and stream.file is None:
+            ch.message("missing")  # forgotten before anything of it could be read
+            return
+    finally:
+        stream.close()
+    totals: dict[str, int | None] = {}
+    for stream_name in ("stdout", "stderr"):
+        try:
+            totals[stream_name] = os.path.getsize(os.path.join(d, stream_name))
+        except OSError:
+            totals[stream_name] = None
+    running = result is None and not removed and may_be_running(d, fate)
+    mark = read_retain_mark(d)
+    until = mark[0] / 1000 if mark is not None else None
+    ch.message("end", result=result, totals=totals, running=running, removed=removed, retainedUntil=until)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1044,7 +1135,7 @@ def run_claiming(ch: Channel, stdin: BinaryIO, req: dict[str, Any], script: byte
             ch.message("accepted", fresh=True)
             if follow(ch, d, None, sup):
                 sup.reap()
-                finish(ch, stdin, d)
+                finish(ch, stdin, d, req.get("retain"))
             return
     fate = read_fate(d)
     if fate is not None and fate.killed:
@@ -1052,7 +1143,7 @@ def run_claiming(ch: Channel, stdin: BinaryIO, req: dict[str, Any], script: byte
         return
     ch.message("accepted", fresh=False)
     if follow(ch, d, replay):
-        finish(ch, stdin, d)
+        finish(ch, stdin, d, req.get("retain"))
 
 
 def op_follow(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
@@ -1060,7 +1151,7 @@ def op_follow(ch: Channel, stdin: BinaryIO, req: dict[str, Any]) -> None:
     if not os.path.isdir(d):
         ch.message("missing")
     elif follow(ch, d, int(req.get("tail", 65536))):
-        finish(ch, stdin, d)
+        finish(ch, stdin, d, req.get("retain"))
 
 
 def op_kill(ch: Channel, req: dict[str, Any]) -> None:
@@ -1137,17 +1228,24 @@ def remove_tree(path: str) -> None:
         os.rmdir(path)
 
 
-def forget(dirs: list[str], tasks: list[str]) -> tuple[int, int, list[str]]:
-    """Removes attempt directories (and task directories, whole) whose scripts are not running."""
-    removed, skipped = 0, []
+def forget(
+    dirs: list[str], tasks: list[str], retain: dict[str, Any] | None = None
+) -> tuple[int, int, int, list[str]]:
+    """Removes attempt directories (and task directories, whole) whose scripts are not running; those
+    that `retain` names (and whose script ran and ended) are retained instead."""
+    removed, retained, skipped = 0, 0, []
+    retain = retain if isinstance(retain, dict) else {}
 
-    def attempt(d: str) -> bool:
-        nonlocal removed
+    def attempt(d: str, keep: Any = None) -> bool:
+        nonlocal removed, retained
         if not os.path.isabs(d) or os.path.normpath(d) == "/":
             skipped.append(d)  # never ours
             return False
         if not os.path.isdir(d):
             return not os.path.lexists(d)
+        if keep and retain_dir(d, keep):
+            retained += 1
+            return False
         if not removable(d):
             skipped.append(d)
             return False
@@ -1159,7 +1257,7 @@ def forget(dirs: list[str], tasks: list[str]) -> tuple[int, int, list[str]]:
         return True
 
     for d in dirs:
-        if attempt(d):
+        if attempt(d, retain.get(d)):
             with ignoring(OSError):
                 os.rmdir(os.path.dirname(os.path.normpath(d)))  # the task dir, if that was its last one
     for t in tasks:
@@ -1169,7 +1267,155 @@ def forget(dirs: list[str], tasks: list[str]) -> tuple[int, int, list[str]]:
         kept = [e for e in entries if os.path.isdir(e) and not os.path.islink(e) and not attempt(e)]
         if not kept:
             remove_tree(t)
-    return removed, len(skipped), skipped
+    return removed, retained, len(skipped), skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retention
+
+
+def read_retain_mark(d: str) -> tuple[int, str] | None:
+    """(until, in epoch milliseconds; run) of a retained D, else None."""
+    text = read_text(os.path.join(d, RETAIN_MARK))
+    parts = text.split() if text else []
+    if not parts or not parts[0].isdigit():
+        return None
+    return int(parts[0]), parts[1] if len(parts) > 1 else ""
+
+
+def retained_entry(d: str, until: int) -> str:
+    d = os.path.normpath(d)
+    task = os.path.dirname(d)
+    return os.path.join(
+        os.path.dirname(task), RETAINED_INDEX, f"{until:015d}.{os.path.basename(task)}.{os.path.basename(d)}"
+    )
+
+
+def output_bytes(d: str) -> int:
+    total = 0
+    for name in ("stdout", "stderr"):
+        with ignoring(OSError):
+            total += os.path.getsize(os.path.join(d, name))
+    return total
+
+
+def retain_dir(d: str, keep: Any) -> bool:
+    """Marks D retained (True), when its script ran and ended and `keep` asks for it; then makes room
+    in its task's retained output (other runs' Ds, then the oldest over the bound). False: forget D."""
+    if not isinstance(keep, dict):
+        return False
+    try:
+        seconds = float(keep.get("seconds") or 0)
+        limit = int(keep.get("bytes") or 0)
+    except (TypeError, ValueError):
+        return False
+    run = str(keep.get("run") or "-").split()[0]
+    fate = read_fate(d)
+    if seconds <= 0 or fate is None or fate.killed or may_be_running(d, fate):
+        return False
+    if read_retain_mark(d) is None:  # marked before (a second forget): kept as it was
+        until = int((time.time() + seconds) * 1000)
+        entry = retained_entry(d, until)
+        try:
+            os.makedirs(os.path.dirname(entry), 0o700, exist_ok=True)
+            os.close(os.open(entry, os.O_WRONLY | os.O_CREAT, 0o600))
+            write_atomic(os.path.join(d, RETAIN_MARK), f"{until} {run}\n")
+        except OSError:
+            with ignoring(OSError):
+                os.unlink(entry)
+            return False  # cannot be marked (a full disk): forgotten as before retention existed
+    make_room(d, run, limit)
+    return True
+
+
+def drop_retained(d: str, until: int) -> bool:
+    """Removes a retained D and its index entry; False (nothing done) while its script may be running. A
+    D that did not run (a tombstone, or undecided) is never removed here, only its entry."""
+    fate = read_fate(d) if os.path.isdir(d) else None
+    if fate is not None and not fate.killed:
+        if may_be_running(d, fate):
+            return False
+        remove_tree(d)
+        if os.path.lexists(d):
+            return False
+        with ignoring(OSError):
+            os.rmdir(os.path.dirname(os.path.normpath(d)))  # the task dir, if that was its last one
+    with ignoring(OSError):
+        os.unlink(retained_entry(d, until))
+    return True
+
+
+def make_room(d: str, run: str, limit: int) -> None:
+    """D was just retained: its task's retained Ds of other runs go, then the oldest of its own run while
+    the run's retained stdout+stderr exceed `limit` (D itself always stays: it was within its bound)."""
+    d = os.path.normpath(d)
+    task = os.path.dirname(d)
+    try:
+        names = os.listdir(task)
+    except OSError:
+        return
+    same_run = []
+    for name in names:
+        other = os.path.join(task, name)
+        mark = read_retain_mark(other) if other != d else None
+        if mark is None:
+            continue  # D itself, or not retained: running, a tombstone, or not forgotten yet
+        if mark[1] != run:
+            drop_retained(other, mark[0])
+        else:
+            same_run.append((mark[0], other))
+    if limit <= 0:
+        return
+    total = output_bytes(d) + sum(output_bytes(other) for _, other in same_run)
+    for until, other in sorted(same_run):
+        if total <= limit:
+            break
+        size = output_bytes(other)
+        if drop_retained(other, until):
+            total -= size
+
+
+def sweep(state_dir: str) -> int:
+    """Removes retained Ds whose time is up, oldest first, at most SWEEP_LIMIT; returns how many."""
+    index = os.path.join(state_dir, RETAINED_INDEX)
+    try:
+        names = sorted(os.listdir(index))
+    except OSError:
+        return 0
+    now = time.time() * 1000
+    done = 0
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or not all(parts):
+            continue
+        until = int(parts[0])
+        if until > now or done >= SWEEP_LIMIT:
+            break
+        d = os.path.join(state_dir, parts[1], parts[2])
+        mark = read_retain_mark(d)
+        if mark is not None and mark[0] == until:
+            if not drop_retained(d, until):
+                continue
+        else:
+            with ignoring(OSError):  # its D is gone (a task purged) or was never marked
+                os.unlink(os.path.join(index, name))
+        done += 1
+    return done
+
+
+def swept_in(req: dict[str, Any]) -> None:
+    """Expired retained Ds go on every run, follow and forget (after its own work, never failing it)."""
+    paths = [req.get("dir"), *(req.get("dirs") or []), *(req.get("tasks") or [])]
+    path = next((p for p in paths if isinstance(p, str) and os.path.isabs(p)), None)
+    if path is None:
+        return
+    depth = 1 if req.get("op") == "forget" and not req.get("dir") and not req.get("dirs") else 2
+    state_dir = os.path.normpath(path)
+    for _ in range(depth):
+        state_dir = os.path.dirname(state_dir)
+    if state_dir != "/":
+        with ignoring(Exception):
+            sweep(state_dir)
 
 
 def main() -> int:
@@ -1187,10 +1433,17 @@ def main() -> int:
         elif op == "kill":
             op_kill(ch, req)
         elif op == "forget":
-            removed, skipped, skipped_dirs = forget(req.get("dirs") or [], req.get("tasks") or [])
-            ch.message("forgotten", removed=removed, skipped=skipped, skippedDirs=skipped_dirs)
+            dirs, tasks = req.get("dirs") or [], req.get("tasks") or []
+            removed, retained, skipped, skipped_dirs = forget(dirs, tasks, req.get("retain"))
+            ch.message(
+                "forgotten", removed=removed, retained=retained, skipped=skipped, skippedDirs=skipped_dirs
+            )
+        elif op == "read":
+            op_read(ch, req)
         else:
             raise Failure(f"unknown op {op!r}")
+        if op in ("run", "follow", "forget"):
+            swept_in(req)
     except Failure as e:
         fields = {"reason": e.reason} if e.reason else {}
         ch.message("error", message=str(e), **fields)
