@@ -32,6 +32,8 @@ def expires_at(body: Mapping[str, Any]) -> float | None:
     phase = status.get("phase")
     if not isinstance(phase, str) or phase not in st.TERMINAL or not run_identity.same_run(status, body):
         return None
+    if status.get("currentAttempt"):
+        return None  # ended with an attempt still on record (Forbidden): deleting it would orphan it
     completed = status.get("completionTime")
     if not isinstance(completed, str):
         return None

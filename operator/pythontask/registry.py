@@ -185,6 +185,10 @@ class Registry:
         finished_here = self.completed.get(uid) == key
         status = body.get("status") or {}
         if run_identity.at_rest(status, body) or finished_here:
+            if running is not None:
+                # Its runner is still finishing (forget, template pod): once done, it reads the task
+                # again (_runner_done), so that this newer generation gets adopted.
+                running.generation = max(running.generation, key[0])
             if running is None and (
                 run_identity.needs_adopting(status, body) or run_identity.needs_backfill(status, body)
             ):

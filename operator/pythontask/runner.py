@@ -373,6 +373,7 @@ class TaskRunner:
                 outcome = await self._attempt(spec, state, "run", inputs, deadline)
             if outcome.busy is not None:
                 return await self._wait_for_busy_pod(before, pod, outcome.busy)
+            self._busy_message, self._busy_wait = "", 0.0  # claimed: a later wait starts afresh
         else:
             async with self._slot(state):
                 outcome = await self._resume(spec, state, deadline)
@@ -806,9 +807,10 @@ class TaskRunner:
         who = ", ".join(f"task {h}" for h in holders) or "another task"
         message = f"Pod {name} is busy with {who} (concurrencyPolicy Forbid): waiting for it to finish."
         self._busy_pods[pod.metadata.uid] = time.monotonic() + BUSY_AVOID_SECONDS
-        if message != self._busy_message:
+        # Written every time: the attempt recorded for this try must come off the record at once.
+        await self._pending(message, before)
+        if message != self._busy_message:  # an Event when who it waits for changes, not every poll
             self._busy_message = message
-            await self._pending(message, before)
             await self.ctx.events.normal(self.body, str(st.Reason.WAITING_FOR_POD), message)
         self.state = before
         self._busy_wait = min(BUSY_POLL_MAX_SECONDS, max(BUSY_POLL_SECONDS, self._busy_wait * 2))

@@ -365,3 +365,13 @@ def test_tasks_by_phase_count_a_status_of_the_wrong_shape_as_pending() -> None:
     bad["metadata"]["uid"] = "u2"
     registry.observe("ADDED", bad)  # the CRD refuses it; a metric label must not depend on that
     assert sorted(registry.phases()) == ["Pending", "Succeeded"]
+
+
+def test_an_edit_landing_while_a_finished_runner_cleans_up_is_adopted_after_it() -> None:
+    registry = Recording()
+    registry.observe("ADDED", task(1, {"args": ["a"]}))
+    done = task(2, {"args": ["a"], "ttlSecondsAfterFinished": 60}, phase="Succeeded", observedGeneration=1)
+    done["status"].update(rerunToken="", runHash=run_hash({"args": ["a"]}))
+    registry.observe("MODIFIED", done)  # its runner wrote the result and is still forgetting
+    assert registry.running["u1"].generation == 2  # so that _runner_done reads the task once more
+    assert registry.started == [(1, "new")]

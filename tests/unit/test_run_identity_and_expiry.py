@@ -141,3 +141,10 @@ def test_a_result_without_a_run_hash_is_backfilled_only_for_its_own_generation()
     assert not ri.needs_backfill(old, body(generation=3))  # which spec it ran is unknown now
     assert not ri.needs_backfill({**old, "runHash": ri.run_hash(SPEC)}, body(generation=2))
     assert not ri.needs_backfill({**old, "phase": "Running"}, body(generation=2))  # its runner writes it
+
+
+def test_a_task_that_ended_with_an_attempt_on_record_never_expires() -> None:
+    # Failed/Forbidden keeps an attempt that may still run: deleting the task would leave it unstoppable.
+    kept = finished(0, phase="Failed")
+    kept["status"]["currentAttempt"] = {"id": "a1", "number": 1}
+    assert expires_at(kept) is None

@@ -1141,6 +1141,7 @@ def run_claiming(ch: Channel, stdin: BinaryIO, req: dict[str, Any], script: byte
     if fate is not None and fate.killed:
         ch.message("tombstoned")
         return
+    held.close()  # following someone else's claim: the pod lock is its supervisor's to hold
     ch.message("accepted", fresh=False)
     if follow(ch, d, replay):
         finish(ch, stdin, d, req.get("retain"))
