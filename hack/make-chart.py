@@ -212,7 +212,8 @@ def deployment(obj: dict[str, Any], t: Template) -> None:
     missing = set(ENV_VALUES) - {v["name"] for v in container["env"]}
     if missing:
         raise Unexpected(f"the container's env has no {sorted(missing)}")
-    container["env"].append(t.lines(optional(".Values.extraEnv")))
+    # First, where a kustomize patch puts variables it adds (the schema refuses the ones above).
+    container["env"].insert(0, t.lines(optional(".Values.extraEnv")))
     [metrics] = [p for p in container["ports"] if p["name"] == "metrics"]
     metrics["containerPort"] = t.inline("{{ .Values.metrics.port }}")
     container["resources"] = t.lines(optional(".Values.resources", "resources"))
