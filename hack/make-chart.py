@@ -320,6 +320,8 @@ def main() -> int:
         (root / path).unlink()
     for path in changed + stale:
         print(f"make-chart: wrote {path}" if path in changed else f"make-chart: removed {path}")
+    if not changed and not stale:
+        print("make-chart: up to date")
     return 0
 
 
