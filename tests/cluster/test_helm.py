@@ -115,7 +115,7 @@ def test_a_manifest_edited_without_the_chart_is_caught(
 ) -> None:
     # A copy of the repository's manifests, CRD and chart, where someone edits the Deployment only.
     copy = tmp_path / "repo"
-    for part in ("manifests", "crds", "charts", "hack"):
+    for part in ("manifests", "crds", "charts"):
         shutil.copytree(ROOT / part, copy / part)
     deployment = copy / "manifests/deployment.yaml"
     edited = deployment.read_text().replace(
@@ -318,25 +318,28 @@ def namespace_access(prefix: str, operator_namespace: str) -> list[dict[str, Any
     return found
 
 
+def uninstall(release: str) -> list[str]:
+    """helm uninstall, returning once the release's objects, and the Deployment's pods, are gone."""
+    return ["uninstall", release, "-n", release, "--wait", "--cascade", "foreground", "--timeout", "3m"]
+
+
 @pytest.fixture
 def installed(
     cluster: Cluster, crds: None, real_node: str, helm: charts.Helm, tmp_path: Path
-) -> Iterator[str]:
+) -> Iterator[tuple[str, str]]:
     """`helm install` of the chart on the local cluster, as its README says, with the local cluster's
     values (the operator's image built here and imported into the real node), in a namespace of its own
     and with a name prefix of its own (the session's operator RBAC is pythontask-*, in pythontask-system),
-    watching only the namespace it yields. `helm uninstall` afterwards, whatever happened."""
-    image = (
-        subprocess.run(
-            [str(ROOT / "hack/operator-image.sh"), "build"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
+    watching one namespace. Yields the release (its name, namespace and name prefix) and the watched
+    namespace (not created). `helm uninstall` afterwards, whatever happened."""
+    built = subprocess.run(
+        [str(ROOT / "hack/operator-image.sh"), "build"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
+    image = built.stdout.strip().splitlines()[-1]
     node_ip = cluster.kubectl(
         "get", "node", real.NODE, "-o", "jsonpath={.status.addresses[?(@.type=='InternalIP')].address}"
     ).stdout.strip()
@@ -346,45 +349,26 @@ def installed(
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     try:
-        helm.run(
-            "install",
-            release,
-            str(charts.CHART),
-            "--namespace",
-            release,
-            "--create-namespace",
-            "-f",
-            str(values_file),
-            "--wait",
-            "--timeout",
-            "5m",
-            timeout=400,
-        )
-        yield release
+        install = ["install", release, str(charts.CHART), "--namespace", release, "--create-namespace"]
+        helm.run(*install, "-f", str(values_file), "--wait", "--timeout", "5m", timeout=400)
+        yield release, watched
     finally:
-        helm.run(
-            "uninstall",
-            release,
-            "--namespace",
-            release,
-            "--ignore-not-found",
-            "--wait",
-            "--cascade",
-            "foreground",
-            "--timeout",
-            "3m",
-            timeout=240,
-        )
+        helm.run(*uninstall(release), "--ignore-not-found", timeout=240)
         left = cluster.kubectl("get", "pods", "-n", release, "-l", APP_LABEL, "-o", "name").stdout.split()
         cluster.kubectl("delete", "namespace", release, watched, "--ignore-not-found", "--wait=false")
         assert not left, f"operator pods still there after helm uninstall: {left}"
 
 
+@pytest.mark.timeout(900)  # the image build, two operator pods starting, their 30 s grace on uninstall
 async def test_helm_install_runs_a_task_on_the_real_node_and_uninstall_leaves_only_the_crd(
-    installed: str, cluster: Cluster, helm: charts.Helm, api: client.ApiClient, core: client.CoreV1Api
+    installed: tuple[str, str],
+    cluster: Cluster,
+    helm: charts.Helm,
+    api: client.ApiClient,
+    core: client.CoreV1Api,
 ) -> None:
-    release = prefix = installed
-    watched = release.replace("pt-", "helm-tasks-")
+    release, watched = installed
+    prefix = release
     deployment = await client.AppsV1Api(api).read_namespaced_deployment(f"{prefix}-operator", release)
     available = {c.type: c.status for c in deployment.status.conditions or []}
     assert available.get("Available") == "True", deployment.status
@@ -396,6 +380,9 @@ async def test_helm_install_runs_a_task_on_the_real_node_and_uninstall_leaves_on
     assert container.args == [f"--namespace={watched}"]
     [listed] = json.loads(helm.run("list", "-n", release, "-o", "json").stdout)
     assert (listed["name"], listed["status"]) == (release, "deployed"), listed
+    # Its notes name what to bind instead of manifests/namespace-access's pythontask-operator.
+    notes = helm.run("get", "notes", release, "-n", release).stdout
+    assert f"is {prefix}-operator in {release}, and its runner ClusterRole {prefix}-runner" in notes, notes
 
     # The watched namespace, opted in for this release's names (what its NOTES.txt says to bind).
     await core.create_namespace({"metadata": {"name": watched, "labels": {"pythontask.dev/test": "true"}}})
@@ -434,30 +421,12 @@ async def test_helm_install_runs_a_task_on_the_real_node_and_uninstall_leaves_on
 
         await eventually(gone, within=60, what="the task deleted (finalizer released)")
 
-    uninstalled = helm.run(
-        "uninstall",
-        release,
-        "--namespace",
-        release,
-        "--wait",
-        "--cascade",
-        "foreground",
-        "--timeout",
-        "3m",
-        timeout=240,
-    )
+    uninstalled = helm.run(*uninstall(release), timeout=240)
     assert "uninstalled" in uninstalled.stdout, uninstalled.stdout
     assert not cluster.kubectl("get", "pods", "-n", release, "-l", APP_LABEL, "-o", "name").stdout.split()
-    assert not cluster.kubectl(
-        "get",
-        "deployments,roles,rolebindings,serviceaccounts",
-        "-n",
-        release,
-        "-l",
-        f"app.kubernetes.io/instance={release}",
-        "-o",
-        "name",
-    ).stdout.split()
+    kinds = "deployments,poddisruptionbudgets,roles,rolebindings,serviceaccounts"
+    instance = f"app.kubernetes.io/instance={release}"
+    assert not cluster.kubectl("get", kinds, "-n", release, "-l", instance, "-o", "name").stdout.split()
     cluster_wide = cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout.split()
     assert not [name for name in cluster_wide if name.split("/")[1].startswith(prefix + "-")]
     # The CRD stays (helm never deletes crds/), and with it every PythonTask.
