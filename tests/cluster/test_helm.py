@@ -102,12 +102,13 @@ def test_with_the_default_values_the_chart_renders_the_manifests(
     manifests = charts.objects(charts.kustomize(cluster, tmp_path / "overlay"))
     assert charts.differences(rendered, manifests) == []
     # Only the chart's own labels were left out, and every object has them.
+    chart = yaml.safe_load((ROOT / charts.CHART / "Chart.yaml").read_text())
     for obj in yaml.safe_load_all(helm.template(release="r1")):
         if obj and obj["kind"] != "CustomResourceDefinition":  # crds/ is installed as is
             labels = obj["metadata"]["labels"]
             assert labels["app.kubernetes.io/instance"] == "r1", obj["metadata"]
             assert labels["app.kubernetes.io/managed-by"] == "Helm"
-            assert labels["helm.sh/chart"] == "pythontask-operator-0.1.0"
+            assert labels["helm.sh/chart"] == f"pythontask-operator-{chart['version']}"
 
 
 def test_a_manifest_edited_without_the_chart_is_caught(
