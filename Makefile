@@ -12,7 +12,7 @@ RUN_ARGS ?=
 IMG ?=
 CONTAINER_TOOL ?= docker
 
-.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench fuzz soak clean image docker-build deploy undeploy
+.PHONY: venv binaries cluster cluster-down run test unit lint fmt bench fuzz soak clean image docker-build deploy undeploy chart helm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,16 @@ deploy: binaries
 # Removes the operator (namespace and RBAC); the CRD stays, and with it every PythonTask.
 undeploy: binaries
 	hack/deploy.sh delete
+
+# The Helm chart's templates (charts/pythontask-operator), generated from manifests/: edit those, then this.
+chart: venv binaries
+	$(PY) hack/make-chart.py
+
+# helm, built from its Go module (cached under ~/.cache/pythontask): lints the chart, checks it is what
+# `make chart` writes, and prints helm's path.
+helm: venv binaries
+	@helm=$$(hack/build-helm.sh | tail -n1) && $$helm lint --strict charts/pythontask-operator && \
+	  $(PY) hack/make-chart.py --check && echo "$$helm"
 
 KUBECTL = "$$(hack/build-cluster-binaries.sh | tail -n1)/kubectl"
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +18,9 @@ from kubernetes_asyncio import client
 
 from support import access
 from support import real_node as real
-from support.cluster import ROOT, Cluster, processes_mentioning
+from support.cluster import ROOT, Cluster
 from support.objects import is_ready
+from support.operator import session_operators_paused
 from support.tasks import TaskClient
 from support.waiting import eventually
 
@@ -107,26 +106,6 @@ def _following_logs(cluster: Cluster, pod: str) -> Iterator[Callable[[], str]]:
         finally:
             follower.kill()
             follower.wait()
-
-
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
-@contextmanager
-def session_operators_paused() -> Iterator[list[int]]:
-    """SIGSTOP for the operator processes this test session started (they watch every namespace), so
-    that only the in-cluster operator can act on this test's task; SIGCONT afterwards."""
-    me = os.getpid()
-    pids = [pid for pid, _ in processes_mentioning(" -m pythontask ") if _parent(pid) == me]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield pids
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 async def _operator_pods(core: client.CoreV1Api, count: int = 2) -> list[Any] | None:

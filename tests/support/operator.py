@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import access
-from support.cluster import ROOT, Cluster
+from support.cluster import ROOT, Cluster, processes_mentioning
 
 
 def free_port() -> int:
@@ -173,3 +175,23 @@ class OperatorProcess:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+@contextmanager
+def session_operators_paused() -> Iterator[list[int]]:
+    """SIGSTOP for the operator processes this test session started (they watch every namespace), so
+    that only an in-cluster operator can act on a test's task; SIGCONT afterwards."""
+    me = os.getpid()
+    pids = [pid for pid, _ in processes_mentioning(" -m pythontask ") if _parent(pid) == me]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
