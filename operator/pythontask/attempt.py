@@ -406,6 +406,9 @@ async def run_attempt(
     return outcome
 
 
+SUSPENDED_KILL = "Suspended"  # runner.StopReason.SUSPENDED, as the agent records it in killedBy
+
+
 def apply_result(outcome: AttemptOutcome, result: dict[str, Any], max_output_bytes: int) -> None:
     """What the agent's recorded result means for the attempt (pure)."""
     outcome.resources = result.get("resources")
@@ -418,6 +421,15 @@ def apply_result(outcome: AttemptOutcome, result: dict[str, Any], max_output_byt
         and result["finishedAt"] >= killed_by["at"]
     )
     if (
+        isinstance(killed_by, dict)
+        and killed_by.get("why") == SUSPENDED_KILL
+        and (result.get("signal") or ended_after_kill)
+    ):
+        # spec.suspend stopped it: not the run's end. The resumed run goes on with a new attempt, at no
+        # retry's cost (a script that had ended before the kill keeps its exit code, below).
+        outcome.kind = Kind.NOT_STARTED
+        outcome.message = "The script was stopped by spec.suspend before it ended; the run goes on afresh."
+    elif (
         isinstance(killed_by, dict)
         and killed_by.get("why") in Kind.__members__.values()
         # Died of our signal, or ended after it (a handler that exits 0 on SIGTERM); a script that had

@@ -194,7 +194,7 @@ class Registry:
             ):
                 self._spawn(self._adopt(body), body)
             self._track_expiry(body)
-            if uid not in self.completed and _disposable_pod(body):
+            if uid not in self.completed and _disposable_pod(body) and status.get("phase") in st.TERMINAL:
                 # First sight since start: an operator stopped between the final status and the pod's
                 # deletion left the template pod behind.
                 self._spawn(self.ctx.pods.delete_template_pods(body), body)
@@ -216,10 +216,13 @@ class Registry:
             running.generation = key[0]  # the same run (a TTL edit): it goes on, and writes this generation
             return
         if running:
-            log.info(
-                "spec or rerun changed: replacing the attempt", task=meta["name"], namespace=meta["namespace"]
-            )
-            running.stop(StopReason.SPEC_CHANGED)
+            run_hash = run_identity.run_hash(body.get("spec") or {})
+            same = running.token == key[1] and running.run_hash == run_hash
+            reason = StopReason.SPEC_CHANGED
+            if same:  # only `suspend` flipped
+                reason = StopReason.SUSPENDED if run_identity.suspended(body) else StopReason.RESUMED
+            log.info("replacing the runner", task=meta["name"], namespace=meta["namespace"], why=str(reason))
+            running.stop(reason)
         self._start(body, previous=running)
 
     def _start(self, body: dict[str, Any], previous: Running | None) -> None:

@@ -37,16 +37,15 @@ def suspended(body: Mapping[str, Any]) -> bool:
 
 def same_run(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
     """Whether `status` speaks of the run `body` asks for: the same rerun request, and the generation it
-    observed is this one, or it is at rest (ended, or Suspended) with the same run hash. An attempt in
-    flight never carries over to another generation: a generation in between may have suspended the
-    task and killed it, unrecorded if its runner stopped before writing (the next run starts afresh)."""
+    observed is this one or recorded the same run hash (a status without one: the generation only). An
+    attempt in flight carries over too (a TTL or `suspend` edit): one that `suspend` killed records why,
+    and its result then says "not this run's end" (attempt.apply_result), never a second run."""
     if (status.get("rerunToken") or "") != rerun_token(body):
         return False
     if status.get("observedGeneration") == generation(body):
         return True
     recorded = status.get("runHash")
-    resting = status.get("phase") in (*st.TERMINAL, st.Phase.SUSPENDED)
-    return resting and isinstance(recorded, str) and recorded == run_hash(body.get("spec") or {})
+    return isinstance(recorded, str) and recorded == run_hash(body.get("spec") or {})
 
 
 def at_rest(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:

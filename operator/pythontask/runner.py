@@ -120,6 +120,8 @@ class StopReason(StrEnum):
     DELETED = "TaskDeleted"  # kill it (confirmed), then the finalizer is released
     SPEC_CHANGED = "SpecChanged"  # kill it (confirmed), then the new generation runs
     SHUTDOWN = "OperatorExiting"  # leave it running: it is followed after the restart
+    SUSPENDED = "Suspended"  # kill it (confirmed), then Suspended is written; the run stays on record
+    RESUMED = "Resumed"  # a suspending runner replaced by the resumed run: that one looks at the attempt
 
 
 class Superseded(Exception):
@@ -193,7 +195,8 @@ class TaskRunner:
             if self.last is not None:
                 await asyncio.shield(self.last.release(False))
             current = self.state.current
-            if self.stop_reason in (StopReason.DELETED, StopReason.SPEC_CHANGED) and current is not None:
+            killing = (StopReason.DELETED, StopReason.SPEC_CHANGED, StopReason.SUSPENDED)
+            if self.stop_reason in killing and current is not None:
                 try:
                     await asyncio.shield(ensure_stopped(self.ctx, self.body, current, str(self.stop_reason)))
                 except impersonation.Forbidden as refused:
@@ -265,7 +268,7 @@ class TaskRunner:
 
     async def _run_as_allowed(self, spec: PythonTaskSpec) -> None:
         if spec.suspend:
-            await self._suspend(spec)
+            await self._suspend()
             return
         if not self._prior_status().get("currentAttempt"):
             # Before anything is touched: may the task's ServiceAccount do all this task needs?
@@ -306,24 +309,28 @@ class TaskRunner:
                 self.state = state
             await self._write_final(spec, state)
 
-    async def _suspend(self, spec: PythonTaskSpec) -> None:
-        """spec.suspend: nothing runs. An attempt still on record (of the run this one replaced, stopped
-        on the way here, or left by a crash) is made sure gone first; then Suspended, at rest."""
-        message = "Suspended (spec.suspend is true): nothing runs. Set it to false to run the task afresh."
-        stale = (self.body.get("status") or {}).get("currentAttempt")
+    async def _suspend(self) -> None:
+        """spec.suspend: nothing runs. An attempt on record is made sure gone first (killed as
+        "Suspended"); then Suspended, at rest. An attempt of this very run stays on record: the resumed
+        run follows it to its result, which is the run's end if the script ended before the kill (so a
+        result not yet recorded is never lost, nor run again), or says that suspend stopped it."""
+        message = "Suspended (spec.suspend is true): nothing runs. Set it to false to resume the task."
+        status = self.body.get("status") or {}
+        stale = status.get("currentAttempt")
+        same = run_identity.same_run(status, self.body)
+        state = state_from_status(status) if same else machine.TaskState()
         if stale:
             record = record_from_status(stale)
             # Kept on record until confirmed gone: a refusal (Forbidden) on the way fails the task with it.
             self.state = replace(self.state, current=record)
-            await ensure_stopped(self.ctx, self.body, record, str(StopReason.SPEC_CHANGED))
+            why = StopReason.SUSPENDED if same else StopReason.SPEC_CHANGED
+            await ensure_stopped(self.ctx, self.body, record, str(why))
             message += f" Attempt {record.number} was stopped."
-        self.state = machine.TaskState()
-        await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, self.state, output=None)
+        self.state = state
+        await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, state)
         self.log.info("task suspended")
         await self.ctx.events.normal(self.body, str(st.Reason.SUSPENDED), message, final=True)
         self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
-        if spec.target.template is not None and not spec.target.keep_pod:
-            await self.ctx.pods.delete_template_pods(self.body)  # as a suspended Job's pods go
 
     def _same_run(self, body: dict[str, Any]) -> dict[str, Any]:
         """`body`, if it still asks for this runner's run; Superseded otherwise (the newer generation's
@@ -337,11 +344,9 @@ class TaskRunner:
         return body
 
     def _prior_status(self) -> dict[str, Any]:
-        """Status, if it speaks of this run (a suspended one resumes afresh), else nothing."""
+        """Status, if it speaks of this run (also a Suspended one: resuming goes on from it), else nothing."""
         status: dict[str, Any] = self.body.get("status") or {}
-        if status.get("phase") == st.Phase.SUSPENDED or not run_identity.same_run(status, self.body):
-            return {}
-        return status
+        return status if run_identity.same_run(status, self.body) else {}
 
     @staticmethod
     def _total_deadline(policy: machine.Policy, state: machine.TaskState) -> float | None:

@@ -1,6 +1,7 @@
 """spec.suspend and spec.ttlSecondsAfterFinished, on the local cluster. Editing only these two keeps the
-run: its result, or its script in flight. Suspending a running task kills the script; resuming runs the
-task afresh (a new run, asked for); a task that already ended keeps its result whatever suspend says."""
+run: its result, or its script in flight. Suspending a running task kills the script (its attempt stays
+on record); resuming goes on with a new attempt, or records the result of a script that had ended before
+the kill; a task that already ended keeps its result whatever suspend says."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from support import procs
+from support.operator import OperatorProcess
 from support.pods import ready_pod
 from support.tasks import TaskClient
 from support.waiting import eventually
@@ -59,7 +61,7 @@ async def test_created_suspended_it_never_runs_until_resumed_then_runs_once(
     assert runs(tmp_path) == 1
 
 
-async def test_suspending_a_running_task_kills_its_script_and_resuming_runs_it_afresh(
+async def test_suspending_a_running_task_kills_its_script_and_resuming_runs_a_new_attempt(
     core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
 ) -> None:
     await ready_pod(core, tasks.namespace)
@@ -69,14 +71,15 @@ async def test_suspending_a_running_task_kills_its_script_and_resuming_runs_it_a
     await tasks.patch("paused", {"spec": {"suspend": True}})
     status = await tasks.wait_status("paused", phases=("Suspended",))
     assert "Attempt 1 was stopped" in status["message"], status["message"]
-    assert "currentAttempt" not in status
+    assert status["currentAttempt"]["number"] == 1  # on record: the resumed run reads its result
     assert procs.gone(pid), procs.state(pid)  # killed and confirmed before Suspended was written
     await tasks.patch("paused", {"spec": {"suspend": False}})
     await eventually(lambda: _started(tmp_path, 2), within=30, what="the run to start afresh")
     (tmp_path / "release").touch()
     status = await tasks.wait_status("paused")
-    assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "done\n")
-    assert runs(tmp_path) == 2  # the suspended run and the one resuming asked for, nothing else
+    assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 2, "done\n")
+    assert [h["reason"] for h in status["history"]] == ["NotStarted", "Completed"]  # no retry spent
+    assert runs(tmp_path) == 2  # the one suspend stopped, and the one resuming asked for, nothing else
 
 
 async def test_a_finished_task_keeps_its_result_through_suspend_and_ttl_edits(
@@ -143,21 +146,23 @@ async def _absent(path: Path) -> bool:
     return not os.path.exists(path)
 
 
-async def test_suspended_and_resumed_at_once_runs_afresh_exactly_once_more(
+async def test_suspended_and_resumed_at_once_never_runs_two_at_once_nor_loses_the_run(
     core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
 ) -> None:
-    # Resumed before (or right after) the suspending runner wrote anything: the attempt it killed is no
-    # state to resume from, and the resumed run is not lost behind the finishing suspender.
+    # Resumed before (or right after) the suspending runner killed the script: either the script was
+    # killed (then a new attempt runs, once) or it was not (then it is followed to its end); never both,
+    # and the resumed run is not lost behind the finishing suspender.
     await ready_pod(core, tasks.namespace)
     await tasks.create("flip", spec(tmp_path))
     await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
     await tasks.patch("flip", {"spec": {"suspend": True}})
     await tasks.patch("flip", {"spec": {"suspend": False}})
-    await eventually(lambda: _started(tmp_path, 2), within=60, what="the run to start afresh")
     (tmp_path / "release").touch()
     status = await tasks.wait_status("flip")
-    assert (status["phase"], status["attempts"], status["observedGeneration"]) == ("Succeeded", 1, 3), status
-    assert runs(tmp_path) == 2
+    assert (status["phase"], status["observedGeneration"]) == ("Succeeded", 3), status
+    not_started = status.get("attemptsNotStarted") or 0
+    assert runs(tmp_path) == status["attempts"]  # each attempt's script ran once, nothing else did
+    assert status["attempts"] - not_started == 1  # and one of them is the run's end
 
 
 async def test_a_result_recorded_without_a_run_hash_survives_a_ttl_edit(
@@ -189,4 +194,23 @@ async def test_a_result_recorded_without_a_run_hash_survives_a_ttl_edit(
 
     status = await eventually(observed, within=30, what="generation 2 observed")
     assert (status["phase"], status["completionTime"]) == ("Succeeded", first["completionTime"])
+    assert runs(tmp_path) == 1
+
+
+async def test_a_result_not_yet_recorded_when_suspended_is_recorded_on_resume_not_run_again(
+    core: client.CoreV1Api, tasks: TaskClient, restartable_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    # The script ends while the operator is away; the task is suspended before anyone recorded it.
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("ended", spec(tmp_path))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    restartable_operator.stop()
+    (tmp_path / "release").touch()
+    await tasks.patch("ended", {"spec": {"suspend": True}})
+    restartable_operator.start()
+    suspended = await tasks.wait_status("ended", phases=("Suspended",))
+    assert suspended["currentAttempt"]["number"] == 1
+    await tasks.patch("ended", {"spec": {"suspend": False}})
+    status = await tasks.wait_status("ended")
+    assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "done\n")
     assert runs(tmp_path) == 1

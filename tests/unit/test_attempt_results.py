@@ -44,3 +44,11 @@ def test_a_script_that_exits_0_on_our_sigterm_is_still_our_kill() -> None:
     assert outcome.kind is Kind.HANG
     finished_first = meaning({"exitCode": 0, "finishedAt": 99.0, "killedBy": {"why": "Hang", "at": 100.0}})
     assert (finished_first.kind, finished_first.exit_code) == (Kind.EXITED, 0)
+
+
+def test_a_script_stopped_by_suspend_is_not_the_runs_end_but_one_that_ended_before_keeps_its_code() -> None:
+    stopped = meaning({"exitCode": 143, "signal": 15, "killedBy": {"why": "Suspended", "at": 100.0}})
+    assert stopped.kind == Kind.NOT_STARTED  # the resumed run goes on with a new attempt, no retry spent
+    assert "spec.suspend" in stopped.message
+    ended = meaning({"exitCode": 0, "finishedAt": 99.0, "killedBy": {"why": "Suspended", "at": 100.0}})
+    assert (ended.kind, ended.exit_code) == (Kind.EXITED, 0)  # its result is the run's, recorded once

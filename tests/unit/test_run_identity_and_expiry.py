@@ -120,9 +120,9 @@ async def test_expiry_starts_deleting_each_due_task_once_and_only_when_due() -> 
     runner.cancel()
 
 
-def test_an_attempt_in_flight_never_carries_over_to_another_generation() -> None:
-    # Running at generation 1; generation 2 suspended it but its runner never wrote; generation 3
-    # resumes with the same run hash: the attempt (killed by the suspension) is no state to resume from.
+def test_an_attempt_in_flight_carries_over_a_ttl_or_suspend_edit() -> None:
+    # Running at generation 1, a TTL edit (2), or a suspend and resume (3): the same run, whose attempt
+    # is followed to its result (one killed by the suspension says so: attempt.apply_result).
     running = {
         "phase": "Running",
         "observedGeneration": 1,
@@ -131,8 +131,9 @@ def test_an_attempt_in_flight_never_carries_over_to_another_generation() -> None
         "currentAttempt": {"id": "a1", "number": 1},
     }
     assert ri.same_run(running, body(SPEC, generation=1))
-    assert not ri.same_run(running, body({**SPEC, "suspend": False}, generation=3))
-    assert not ri.same_run({**running, "phase": "Retrying"}, body({**SPEC, "ttlSecondsAfterFinished": 5}, 2))
+    assert ri.same_run(running, body({**SPEC, "suspend": False}, generation=3))
+    assert ri.same_run({**running, "phase": "Retrying"}, body({**SPEC, "ttlSecondsAfterFinished": 5}, 2))
+    assert not ri.same_run(running, body({**SPEC, "args": ["other"]}, generation=2))
 
 
 def test_a_result_without_a_run_hash_is_backfilled_only_for_its_own_generation() -> None:
