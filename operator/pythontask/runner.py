@@ -318,7 +318,8 @@ class TaskRunner:
         status = self.body.get("status") or {}
         stale = status.get("currentAttempt")
         same = run_identity.same_run(status, self.body)
-        state = state_from_status(status) if same else machine.TaskState()
+        # The run's clock stops: timeouts.total counts again from the resume, not across the suspension.
+        state = replace(state_from_status(status), started_at=None) if same else machine.TaskState()
         if stale:
             record = record_from_status(stale)
             # Kept on record until confirmed gone: a refusal (Forbidden) on the way fails the task with it.

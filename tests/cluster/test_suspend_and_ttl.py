@@ -6,6 +6,7 @@ the kill; a task that already ended keeps its result whatever suspend says."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,24 @@ async def test_a_result_not_yet_recorded_when_suspended_is_recorded_on_resume_no
     status = await tasks.wait_status("ended")
     assert (status["phase"], status["attempts"], status["output"]["stdout"]) == ("Succeeded", 1, "done\n")
     assert runs(tmp_path) == 1
+
+
+async def test_time_spent_suspended_does_not_count_against_timeouts_total(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("paused-long", spec(tmp_path, timeouts={"total": "8s"}))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    await tasks.patch("paused-long", {"spec": {"suspend": True}})
+    suspended = await tasks.wait_status("paused-long", phases=("Suspended",))
+    assert "startTime" not in suspended  # the run's clock stopped
+    since = time.monotonic()
+
+    async def past_total() -> bool:  # time must pass here: what is tested is that it does not count
+        return time.monotonic() - since > 9
+
+    await eventually(past_total, within=30, what="longer than timeouts.total suspended")
+    (tmp_path / "release").touch()
+    await tasks.patch("paused-long", {"spec": {"suspend": False}})
+    status = await tasks.wait_status("paused-long")
+    assert (status["phase"], status["output"]["stdout"]) == ("Succeeded", "done\n"), status
