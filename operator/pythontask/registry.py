@@ -202,7 +202,14 @@ class Registry:
             # A finalizer left on a finished task (an operator stopped between its last two writes) is
             # released here; one whose runner finished in this process was released by it already,
             # whatever this (possibly older) event still shows.
-            if FINALIZER in (meta.get("finalizers") or []) and uid not in self.running and not finished_here:
+            # A Suspended task with its attempt on record keeps it: its deletion must purge that attempt.
+            keeps = status.get("phase") == st.Phase.SUSPENDED and bool(status.get("currentAttempt"))
+            if (
+                FINALIZER in (meta.get("finalizers") or [])
+                and uid not in self.running
+                and not finished_here
+                and not keeps
+            ):
                 self._spawn(self.ctx.tasks.set_finalizer(body, FINALIZER, False), body)
             return
         if running and (running.generation, running.token) == key:

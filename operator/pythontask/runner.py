@@ -331,7 +331,9 @@ class TaskRunner:
         await self._write(st.Phase.SUSPENDED, st.Reason.SUSPENDED, message, state)
         self.log.info("task suspended")
         await self.ctx.events.normal(self.body, str(st.Reason.SUSPENDED), message, final=True)
-        self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
+        if state.current is None:
+            # With an attempt on record the finalizer stays: deleting the suspended task purges its files.
+            self.body = await self.ctx.tasks.set_finalizer(self.body, FINALIZER, False)
 
     def _same_run(self, body: dict[str, Any]) -> dict[str, Any]:
         """`body`, if it still asks for this runner's run; Superseded otherwise (the newer generation's

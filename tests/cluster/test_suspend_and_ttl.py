@@ -73,6 +73,8 @@ async def test_suspending_a_running_task_kills_its_script_and_resuming_runs_a_ne
     status = await tasks.wait_status("paused", phases=("Suspended",))
     assert "Attempt 1 was stopped" in status["message"], status["message"]
     assert status["currentAttempt"]["number"] == 1  # on record: the resumed run reads its result
+    finalizers = (await tasks.get("paused"))["metadata"].get("finalizers") or []
+    assert "pythontask.dev/finalizer" in finalizers  # a deletion now would purge its files
     assert procs.gone(pid), procs.state(pid)  # killed and confirmed before Suspended was written
     await tasks.patch("paused", {"spec": {"suspend": False}})
     await eventually(lambda: _started(tmp_path, 2), within=30, what="the run to start afresh")
