@@ -107,6 +107,7 @@ async def test_generated_tasks_end_or_are_refused_and_the_operator_never_restart
     scribbles = draw(status_objects().flatmap(lambda x: s.one_of(s.just(x), mutated(x))), COUNT // 10)
     custom = client.CustomObjectsApi(api)
     created: list[str] = []
+    expiring: set[str] = set()  # created with ttlSecondsAfterFinished: may be deleted once ended
     refused: Counter[str] = Counter()
     unexpected: list[str] = []  # an apiserver answer other than a validation refusal
     gate = asyncio.Semaphore(16)
@@ -122,6 +123,8 @@ async def test_generated_tasks_end_or_are_refused_and_the_operator_never_restart
                 refused[str(e.status)] += 1
                 return
             created.append(name)
+            if isinstance(spec, dict) and spec.get("ttlSecondsAfterFinished") is not None:
+                expiring.add(name)
             if index % 10 == 0 and scribbles:
                 # A buggy client writes status (only the status subresource lets anyone write it).
                 scribble = scribbles[(index // 10) % len(scribbles)]
@@ -144,24 +147,33 @@ async def test_generated_tasks_end_or_are_refused_and_the_operator_never_restart
     assert len(created) + sum(refused.values()) == COUNT
 
     outcomes: Counter[str] = Counter()
+    last_pending: list[str] = []
 
     async def all_ended() -> bool:
         listing = await custom.list_namespaced_custom_object(GROUP, VERSION, tasks.namespace, PLURAL)
         pending = []
         outcomes.clear()
+        present = {item["metadata"]["name"] for item in listing["items"]}
+        gone = set(created) - present
+        assert gone <= expiring, sorted(gone - expiring)[:5]  # only a TTL deletes a task here
+        outcomes["deleted by its TTL"] = len(gone)
         for item in listing["items"]:
             status = item.get("status") or {}
+            suspended = status.get("phase") == "Suspended" and (item.get("spec") or {}).get("suspend") is True
             done = (
-                status.get("phase") in TERMINAL
-                and status.get("observedGeneration") == item["metadata"]["generation"]
-            )
+                status.get("phase") in TERMINAL or suspended  # at rest: nothing runs until resumed
+            ) and status.get("observedGeneration") == item["metadata"]["generation"]
             if done:
                 outcomes[f"{status['phase']}/{status.get('reason')}"] += 1
             else:
-                pending.append(item["metadata"]["name"])
+                pending.append(f"{item['metadata']['name']}: {status.get('phase')}/{status.get('reason')}")
+        last_pending[:] = pending
         return not pending
 
-    await eventually(all_ended, within=WITHIN, interval=2, what=f"{len(created)} fuzzed tasks to end")
+    try:
+        await eventually(all_ended, within=WITHIN, interval=2, what=f"{len(created)} fuzzed tasks to end")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still going: {last_pending[:10]}") from None
     assert sum(outcomes.values()) == len(created)
     # The operator never restarted, and no runner failed (a failed runner is retried: a loop).
     assert (operator.running, operator.pid, operator.starts) == (True, pid, starts)

@@ -129,7 +129,6 @@ def test_the_operator_may_do_its_own_business(
         ("create", "pods", "exec"),
         ("get", "secrets", ""),
         ("get", "configmaps", ""),
-        ("delete", "pythontasks.pythontask.dev", ""),
         ("update", "deployments.apps", ""),
         ("impersonate", "serviceaccounts", ""),
         ("impersonate", "users", ""),

@@ -26,14 +26,18 @@ ZOMBIES = (
 )
 
 # Attempt directories (and task directories) left in the state directory.
+# Task directories and their entries; of the dot entries only retained output counts (the pod's lock
+# file, .pod-<uid>.lock, stays: one empty file per pod).
 LEFTOVERS = (
-    "import os\nd = '/tmp/pythontask'\n"
-    "print(sum(1 + len(os.listdir(os.path.join(d, t))) for t in os.listdir(d)) if os.path.isdir(d) else 0)\n"
+    "import os\nd = '/tmp/pythontask'\nr = os.path.join(d, '.retained')\n"
+    "tasks = [t for t in os.listdir(d) if not t.startswith('.')] if os.path.isdir(d) else []\n"
+    "print(sum(1 + len(os.listdir(os.path.join(d, t))) for t in tasks)"
+    " + (len(os.listdir(r)) if os.path.isdir(r) else 0))\n"
 )
 
 # What is left, for a failure message: each entry of each task directory and its fate.
 WHAT_IS_LEFT = (
-    "import os\nd = '/tmp/pythontask'\nfor t in sorted(os.listdir(d)):\n"
+    "import os\nd = '/tmp/pythontask'\nfor t in sorted(e for e in os.listdir(d) if not e.startswith('.')):\n"
     "    for a in sorted(os.listdir(os.path.join(d, t))):\n"
     "        p = os.path.join(d, t, a)\n"
     "        f = os.path.join(p, 'fate')\n"
