@@ -144,38 +144,38 @@ def _time(text: Any) -> float | None:
         return None
 
 
+def _attempt(
+    entry: dict[str, Any], number: int, end: float | None, exit_code: int | None, reason: str
+) -> Attempt:
+    """An attempt as a history entry or `currentAttempt` records it."""
+    return Attempt(
+        number=number,
+        id=str(entry.get("id") or ""),
+        pod=str(entry.get("pod") or ""),
+        container=str(entry.get("container") or ""),
+        start=_time(entry.get("startTime")),
+        end=end,
+        exit_code=exit_code,
+        reason=reason,
+    )
+
+
 def attempts_of(status: dict[str, Any]) -> list[Attempt]:
     """The attempts status knows, in order: its history (the last 10 of this run), then the one in flight."""
-    out = []
-    for h in status.get("history") or []:
-        if not isinstance(h, dict) or not isinstance(h.get("attempt"), int):
-            continue
-        out.append(
-            Attempt(
-                number=h["attempt"],
-                id=str(h.get("id") or ""),
-                pod=str(h.get("pod") or ""),
-                container=str(h.get("container") or ""),
-                start=_time(h.get("startTime")),
-                end=_time(h.get("completionTime")) or 0.0,
-                exit_code=h.get("exitCode") if isinstance(h.get("exitCode"), int) else None,
-                reason=str(h.get("reason") or ""),
-            )
+    out = [
+        _attempt(
+            h,
+            h["attempt"],
+            end=_time(h.get("completionTime")) or 0.0,
+            exit_code=h.get("exitCode") if isinstance(h.get("exitCode"), int) else None,
+            reason=str(h.get("reason") or ""),
         )
+        for h in status.get("history") or []
+        if isinstance(h, dict) and isinstance(h.get("attempt"), int)
+    ]
     current = status.get("currentAttempt")
     if isinstance(current, dict) and isinstance(current.get("number"), int):
-        out.append(
-            Attempt(
-                number=current["number"],
-                id=str(current.get("id") or ""),
-                pod=str(current.get("pod") or ""),
-                container=str(current.get("container") or ""),
-                start=_time(current.get("startTime")),
-                end=None,
-                exit_code=None,
-                reason="Running",
-            )
-        )
+        out.append(_attempt(current, current["number"], end=None, exit_code=None, reason="Running"))
     return out
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from pythontask.runner import CRASH_AFTER_RECORD, RERUN_ANNOTATION
 from support import procs
@@ -145,14 +144,7 @@ async def test_deleting_a_running_task_kills_the_script_first(
     assert not procs.gone(pid)
     await tasks.delete("doomed")
 
-    async def object_gone() -> bool:
-        try:
-            await tasks.get("doomed")
-        except ApiException as e:
-            return e.status == 404
-        return False
-
-    await eventually(object_gone, within=30, what="the task to be deleted")
+    await eventually(lambda: tasks.gone("doomed"), within=30, what="the task to be deleted")
     assert procs.gone(pid)  # killed before the finalizer was released
     assert not (tmp_path / "finished").exists()
 

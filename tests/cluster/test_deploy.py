@@ -5,7 +5,6 @@ in-cluster one, and the session's operator process, if a previous test started i
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import uuid
@@ -28,19 +27,17 @@ NAMESPACE = "pythontask-system"
 DEPLOYMENT = "pythontask-operator"
 
 
-def _log_lines(cluster: Cluster, pod: str) -> list[dict[str, Any]]:
-    """An operator pod's JSON log lines."""
-    logs = cluster.kubectl("logs", "-n", NAMESPACE, pod).stdout
-    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-
-
 def _ran(cluster: Cluster, pod: str, task: str, namespace: str) -> bool:
-    lines = _log_lines(cluster, pod)
+    lines = cluster.log_lines(NAMESPACE, pod)
     return any(line.get("task") == task and line.get("namespace") == namespace for line in lines)
 
 
 def _acquisitions(cluster: Cluster, pod: str) -> list[dict[str, Any]]:
-    return [line for line in _log_lines(cluster, pod) if line.get("event") == "shard acquired: leading it"]
+    return [
+        line
+        for line in cluster.log_lines(NAMESPACE, pod)
+        if line.get("event") == "shard acquired: leading it"
+    ]
 
 
 @pytest.fixture

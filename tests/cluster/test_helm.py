@@ -21,13 +21,12 @@ from kubernetes_asyncio import client
 from support import helm as charts
 from support import real_node as real
 from support.cluster import ROOT, Cluster
-from support.go_checkers import module_file
+from support.go_checkers import install_service_monitor_crd
 from support.objects import is_ready
 from support.operator import session_operators_paused
 from support.tasks import TaskClient
 from support.waiting import eventually
 
-PROMETHEUS_OPERATOR_VERSION = "v0.85.0"  # as test_manifests.py
 APP_LABEL = "app.kubernetes.io/name=pythontask-operator"
 
 
@@ -38,16 +37,7 @@ def helm(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> charts.H
 
 @pytest.fixture(scope="module")
 def service_monitor_crd(cluster: Cluster) -> None:
-    """The ServiceMonitor CRD as the Prometheus Operator publishes it (its Go module, from the proxy)."""
-    crd = module_file(
-        "github.com/prometheus-operator/prometheus-operator",
-        PROMETHEUS_OPERATOR_VERSION,
-        "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
-    )
-    cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com"
-    )
+    install_service_monitor_crd(cluster)
 
 
 def local_values(image: str, node_ip: str) -> dict[str, Any]:
@@ -408,8 +398,7 @@ async def test_helm_install_runs_a_task_on_the_real_node_and_uninstall_leaves_on
         lease = await client.CoordinationV1Api(api).read_namespaced_lease("pythontask-shard-0", release)
         leader = str(lease.spec.holder_identity).rpartition("_")[0]
         assert leader in {p.metadata.name for p in pods}, leader
-        logs = cluster.kubectl("logs", "-n", release, leader).stdout
-        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+        lines = cluster.log_lines(release, leader)
         assert any(line.get("task") == "hello" and line.get("namespace") == watched for line in lines)
         # Its finalizer released by it, before the paused operators come back.
         await tasks.delete("hello")

@@ -12,9 +12,7 @@ import yaml
 
 from support import access
 from support.cluster import ROOT, Cluster
-from support.go_checkers import module_file
-
-PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
+from support.go_checkers import install_service_monitor_crd
 
 SA = "system:serviceaccount:pythontask-system:pythontask-operator"
 
@@ -37,16 +35,7 @@ def test_operator_manifests_pass_a_server_side_dry_run(cluster: Cluster, crds: N
 def test_the_monitoring_component_passes_a_server_side_dry_run_with_the_real_servicemonitor_crd(
     cluster: Cluster, crds: None, tmp_path: Path
 ) -> None:
-    # The ServiceMonitor CRD as the Prometheus Operator publishes it (its Go module, from the proxy).
-    crd = module_file(
-        "github.com/prometheus-operator/prometheus-operator",
-        PROMETHEUS_OPERATOR_VERSION,
-        "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
-    )
-    cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com"
-    )
+    install_service_monitor_crd(cluster)
     cluster.kubectl("apply", "-f", str(ROOT / "manifests/namespace.yaml"))
     # As a user would: the install, plus the optional component.
     overlay = tmp_path / "overlay"

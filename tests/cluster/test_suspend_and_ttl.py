@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from support import procs
 from support.operator import OperatorProcess
@@ -132,14 +131,7 @@ async def test_a_finished_task_is_deleted_once_its_ttl_runs_out_with_its_files(
     finished = await tasks.wait_status("short")
     assert finished["phase"] == "Succeeded"
 
-    async def gone() -> bool:
-        try:
-            await tasks.get("short")
-        except ApiException as e:
-            return e.status == 404
-        return False
-
-    await eventually(gone, within=30, what="the task deleted after its TTL")
+    await eventually(lambda: tasks.gone("short"), within=30, what="the task deleted after its TTL")
     task_dir = Path("/tmp/pythontask") / created["metadata"]["uid"]  # kwok: the container is this machine
     await eventually(lambda: _absent(task_dir), within=30, what="its files removed from the container")
     assert (await tasks.wait_status("long"))["phase"] == "Succeeded"  # not expired: still there

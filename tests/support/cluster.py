@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +41,11 @@ class Cluster:
                 f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
             )
         return result
+
+    def log_lines(self, namespace: str, pod: str) -> list[dict[str, Any]]:
+        """A pod's JSON log lines (the operator logs one JSON object per line)."""
+        logs = self.kubectl("logs", "-n", namespace, pod).stdout
+        return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
 
     @property
     def audit_log(self) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from support.cluster import ROOT
+from support.cluster import ROOT, Cluster
 
 
 def build(name: str = "kstatus") -> Path:
@@ -55,3 +55,20 @@ def module_file(module: str, version: str, path: str) -> Path:
         env=env,
     ).stdout
     return Path(json.loads(out)["Dir"]) / path
+
+
+PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
+
+
+def install_service_monitor_crd(cluster: Cluster) -> None:
+    """The ServiceMonitor CRD as the Prometheus Operator publishes it (its Go module, from the proxy),
+    installed and Established."""
+    crd = module_file(
+        "github.com/prometheus-operator/prometheus-operator",
+        PROMETHEUS_OPERATOR_VERSION,
+        "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
+    )
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from pythontask.spec import GROUP, PLURAL, VERSION
 from support import seen_statuses
@@ -50,6 +51,16 @@ class TaskClient:
 
     async def delete(self, name: str) -> None:
         await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    async def gone(self, name: str) -> bool:
+        """Whether the task no longer exists (deleted, its finalizer released)."""
+        try:
+            await self.get(name)
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            raise
+        return False
 
     async def wait_status(
         self, name: str, *, within: float = 60, phases: tuple[str, ...] = TERMINAL
