@@ -5,13 +5,17 @@ the agent's, in the pod, so it holds across operator replicas and restarts (test
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 
+from support.cluster import Cluster
 from support.pods import ready_pod
+from support.real_node import CONTAINER, ready_real_pod
 from support.tasks import TaskClient
 from support.waiting import eventually
 
@@ -129,3 +133,41 @@ async def test_with_a_selector_a_free_ready_pod_is_used_instead_of_the_busy_one(
     (tmp_path / "release-y").touch()
     for name in ("x", "y"):
         assert (await tasks.wait_status(name))["phase"] == "Succeeded"
+
+
+async def test_on_the_real_node_a_task_that_must_run_alone_waits_for_the_running_one(
+    cluster: Cluster, core: client.CoreV1Api, tasks: TaskClient, real_node: str
+) -> None:
+    # The lock is a file in the container's own state directory, held by the supervisor's process.
+    await ready_real_pod(core, tasks.namespace, "real-solo")
+    target = {"podName": "real-solo", "container": CONTAINER}
+    holding = "import os, time\nwhile not os.path.exists('/tmp/release'): time.sleep(0.05)\nprint('first')\n"
+    await tasks.create(
+        "first", {"target": target, "script": {"inline": holding}, "concurrencyPolicy": "Forbid"}
+    )
+    await tasks.wait_status("first", phases=("Running",))
+    alone = {"target": target, "script": {"inline": "print('second')"}, "concurrencyPolicy": "Forbid"}
+    await tasks.create("second", alone)
+    status = await waiting_for(tasks, "second")
+    assert f"task {tasks.namespace}/first" in status["message"], status["message"]
+    assert (await tasks.get("first"))["status"]["phase"] == "Running"
+    await asyncio.to_thread(
+        cluster.kubectl,
+        "exec",
+        "-n",
+        tasks.namespace,
+        "real-solo",
+        "-c",
+        CONTAINER,
+        "--",
+        "touch",
+        "/tmp/release",
+    )
+    first = await tasks.wait_status("first")
+    second = await tasks.wait_status("second", within=90)
+    assert (first["phase"], second["phase"], second["attempts"]) == ("Succeeded", "Succeeded", 1), second
+    assert when(second["history"][0]["startTime"]) >= when(first["completionTime"])  # one after the other
+
+
+def when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
