@@ -90,6 +90,9 @@ class Running:
     runner: TaskRunner
     task: asyncio.Task[None]
     previous: Running | None = None  # the runner it replaces: it settles its attempt before this one runs
+    # Its status needs a write it cannot make (a newer generation to adopt, a run hash to record): the
+    # task is read once more when it is done, since no event may follow its last write.
+    reread: bool = False
 
     def stop(self, reason: StopReason) -> None:
         self.runner.stop(self.task, reason)
@@ -185,14 +188,11 @@ class Registry:
         finished_here = self.completed.get(uid) == key
         status = body.get("status") or {}
         if run_identity.at_rest(status, body) or finished_here:
-            if running is not None:
-                # Its runner is still finishing (forget, template pod): once done, it reads the task
-                # again (_runner_done), so that this newer generation gets adopted.
-                running.generation = max(running.generation, key[0])
-            if running is None and (
-                run_identity.needs_adopting(status, body) or run_identity.needs_backfill(status, body)
-            ):
-                self._spawn(self._adopt(body), body)
+            if run_identity.needs_adopting(status, body) or run_identity.needs_backfill(status, body):
+                if running is None:
+                    self._spawn(self._adopt(body), body)
+                else:  # its runner is still finishing (forget, template pod): adopted after it
+                    running.reread = True
             self._track_expiry(body)
             if uid not in self.completed and _disposable_pod(body) and status.get("phase") in st.TERMINAL:
                 # First sight since start: an operator stopped between the final status and the pod's
@@ -221,6 +221,7 @@ class Registry:
             and running.suspended == run_identity.suspended(body)
         ):
             running.generation = key[0]  # the same run (a TTL edit): it goes on, and writes this generation
+            running.reread = True  # ...unless it had written its last already: adopted after it
             return
         if running:
             run_hash = run_identity.run_hash(body.get("spec") or {})
@@ -279,9 +280,7 @@ class Registry:
         if error is None:
             self.completed[uid] = key
             self.failures.pop(uid, None)
-            if running is not None and running.generation > key[0] and not self._closing:
-                # A TTL edit reached it while it ran: its writes named the generation it started with,
-                # and no event may follow its last one. Read once more, so that the result is adopted.
+            if running is not None and running.reread and not self._closing:
                 meta = body["metadata"]
                 self._spawn(self._look_again(meta["namespace"], meta["name"], uid, 0.0), body)
             return

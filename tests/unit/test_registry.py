@@ -36,7 +36,7 @@ class Recording(Registry):
 class Stub:
     def __init__(self, generation: int, run: str, suspended: bool = False) -> None:
         self.generation, self.token, self.run_hash, self.suspended = generation, "", run, suspended
-        self.task, self.stopped = object(), ""
+        self.task, self.stopped, self.reread = object(), "", False
         self.previous = None
 
     def stop(self, reason: Any) -> None:
@@ -373,5 +373,13 @@ def test_an_edit_landing_while_a_finished_runner_cleans_up_is_adopted_after_it()
     done = task(2, {"args": ["a"], "ttlSecondsAfterFinished": 60}, phase="Succeeded", observedGeneration=1)
     done["status"].update(rerunToken="", runHash=run_hash({"args": ["a"]}))
     registry.observe("MODIFIED", done)  # its runner wrote the result and is still forgetting
-    assert registry.running["u1"].generation == 2  # so that _runner_done reads the task once more
+    assert registry.running["u1"].reread  # so that _runner_done reads the task once more
     assert registry.started == [(1, "new")]
+
+
+def test_a_run_hash_to_record_while_the_finished_runner_cleans_up_is_recorded_after_it() -> None:
+    registry = Recording()
+    registry.observe("ADDED", task(1, {"args": ["a"]}))
+    unhashed = task(1, {"args": ["a"]}, phase="Succeeded", observedGeneration=1, rerunToken="")
+    registry.observe("MODIFIED", unhashed)  # e.g. an older writer's result, seen while its runner forgets
+    assert registry.running["u1"].reread
