@@ -230,3 +230,40 @@ async def test_time_spent_suspended_does_not_count_against_timeouts_total(
     await tasks.patch("paused-long", {"spec": {"suspend": False}})
     status = await tasks.wait_status("paused-long")
     assert (status["phase"], status["output"]["stdout"]) == ("Succeeded", "done\n"), status
+
+
+async def test_the_attempt_suspend_stopped_shows_as_not_started_while_the_resumed_run_waits(
+    core: client.CoreV1Api, tasks: TaskClient, tmp_path: Path
+) -> None:
+    # Resumed while its pod is busy with a task that runs alone: the stopped attempt is concluded
+    # (NotStarted, no retry spent) and the run waits for the pod, saying why it retries; then runs once.
+    await ready_pod(core, tasks.namespace)
+    await tasks.create("waits", spec(tmp_path))
+    await eventually(lambda: _started(tmp_path, 1), within=30, what="the script to start")
+    await tasks.patch("waits", {"spec": {"suspend": True}})
+    await tasks.wait_status("waits", phases=("Suspended",))
+    holding = "import os, time\nwhile not os.path.exists(os.environ['HOLD']): time.sleep(0.05)\n"
+    hold = tmp_path / "hold"
+    holder = {
+        "target": {"podName": "worker"},
+        "script": {"inline": holding},
+        "env": [{"name": "HOLD", "value": str(hold)}],
+        "concurrencyPolicy": "Forbid",
+    }
+    await tasks.create("holder", holder)
+    await tasks.wait_status("holder", phases=("Running",))
+    await tasks.patch("waits", {"spec": {"suspend": False}})
+
+    async def retrying() -> dict[str, Any] | None:
+        status = (await tasks.get("waits")).get("status") or {}
+        return (
+            status if status.get("reason") == "NotStarted" and "busy" in status.get("message", "") else None
+        )
+
+    status = await eventually(retrying, within=30, what="Retrying, the stopped attempt NotStarted")
+    assert (status["phase"], status["attemptsNotStarted"]) == ("Retrying", 1), status
+    (tmp_path / "release").touch()
+    hold.touch()
+    status = await tasks.wait_status("waits")
+    assert (status["phase"], status["attempts"]) == ("Succeeded", 2), status
+    assert runs(tmp_path) == 2
